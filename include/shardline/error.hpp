@@ -1,0 +1,80 @@
+// shardline/error.hpp: the library's error codes and the exception that carries them.
+#pragma once
+
+#include <string>
+#include <system_error>
+
+namespace shardline {
+
+/// Error conditions reported by shardline operations. Asynchronous operations
+/// complete with a std::error_code in this category; synchronous calls come in a
+/// throwing overload (shardline::error) and an std::error_code& overload.
+enum class errc {
+  size_mismatch = 1,     ///< source and destination byte counts differ
+  unknown_parameter,     ///< a name that is not in the plan, barrier or region table
+  duplicate_shard,       ///< a shard arrived twice for the same parameter
+  too_many_shards,       ///< a shard index at or past the expected count
+  shard_timeout,         ///< a barrier wait expired before every shard arrived
+  loader_failed,         ///< the user's loader threw
+  region_not_exposed,    ///< a write outside every region the receiver exposed
+  peer_disconnected,     ///< the peer closed or died while operations were pending
+  not_connected,         ///< an operation on a connection that is closed or never opened
+  connection_failed,     ///< the transport's connection is in an error state and is not reused
+  request_too_large,     ///< a request exceeds a limiter's whole capacity and could never run
+  invalid_argument,      ///< a malformed descriptor, plan or option
+  no_device,             ///< no RDMA device is present or the named one is missing
+  protocol_error,        ///< a control message that does not parse
+};
+
+namespace detail {
+class error_category_impl final : public std::error_category {
+public:
+  const char* name() const noexcept override { return "shardline"; }
+  std::string message(int value) const override {
+    switch (static_cast<errc>(value)) {
+      case errc::size_mismatch: return "source and destination sizes differ";
+      case errc::unknown_parameter: return "unknown parameter";
+      case errc::duplicate_shard: return "shard arrived twice";
+      case errc::too_many_shards: return "more shards than expected";
+      case errc::shard_timeout: return "timed out waiting for shards";
+      case errc::loader_failed: return "loader failed";
+      case errc::region_not_exposed: return "write outside every exposed region";
+      case errc::peer_disconnected: return "peer disconnected";
+      case errc::not_connected: return "not connected";
+      case errc::connection_failed: return "connection is in an error state";
+      case errc::request_too_large: return "request exceeds the limiter's capacity";
+      case errc::invalid_argument: return "invalid argument";
+      case errc::no_device: return "no RDMA device";
+      case errc::protocol_error: return "protocol error";
+    }
+    return "unknown shardline error";
+  }
+};
+}  // namespace detail
+
+/// The category of shardline::errc. A function-local static, as Asio's own categories.
+inline const std::error_category& error_category() noexcept {
+  static const detail::error_category_impl instance;
+  return instance;
+}
+
+inline std::error_code make_error_code(errc e) noexcept {
+  return {static_cast<int>(e), error_category()};
+}
+
+/// Thrown by the throwing overloads and delivered through std::exception_ptr by the
+/// pipeline. what() names the parameter (or shard, or region) and the cause.
+class error : public std::system_error {
+public:
+  using std::system_error::system_error;
+};
+
+/// Throws shardline::error when ec is set; the throwing overloads end with this.
+inline void throw_if(const std::error_code& ec, const std::string& what) {
+  if (ec) throw error(ec, what);
+}
+
+}  // namespace shardline
+
+template <>
+struct std::is_error_code_enum<shardline::errc> : std::true_type {};
