@@ -10,7 +10,9 @@
 #include <asio/any_io_executor.hpp>
 #include <asio/async_result.hpp>
 #include <asio/experimental/channel.hpp>
+#include <asio/steady_timer.hpp>
 
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <span>
@@ -121,22 +123,30 @@ public:
 
     void close() noexcept { open_ = false; }
 
+    /// From now on each write copies and completes `delay` after its initiation, as a NIC
+    /// that reads the source late would: tests use it to prove that the source bytes are
+    /// left alone until completion, benchmarks to model wire time. Not cancellable.
+    void set_completion_delay(std::chrono::steady_clock::duration delay) noexcept {
+      delay_ = delay;
+    }
+
   private:
     friend class basic_loopback_transport;
     connection(const executor_type& ex, std::shared_ptr<receiver_state> peer)
         : executor_(ex), peer_(std::move(peer)), table_(peer_->table) {}
 
-    std::error_code copy(std::span<const write_request> batch, bool notify, std::uint32_t value) {
-      if (!open_) return make_error_code(errc::not_connected);
-      if (!peer_->open) return make_error_code(errc::peer_disconnected);
+    // Static, with the peer passed in: a delayed write outlives a moved-from connection.
+    static std::error_code copy(receiver_state& peer, std::span<const write_request> batch,
+                                bool notify, std::uint32_t value) {
+      if (!peer.open) return make_error_code(errc::peer_disconnected);
       for (const auto& w : batch)  // validate first: nothing half-written
-        if (!peer_->table.find(w.remote_address, w.source.size()))
+        if (!peer.table.find(w.remote_address, w.source.size()))
           return make_error_code(errc::region_not_exposed);
       for (const auto& w : batch)
         if (!w.source.empty())
           std::memcpy(reinterpret_cast<void*>(static_cast<std::uintptr_t>(w.remote_address)),
                       w.source.data(), w.source.size());
-      if (notify && !peer_->notifications.try_send(std::error_code{}, value))
+      if (notify && !peer.notifications.try_send(std::error_code{}, value))
         return make_error_code(errc::peer_disconnected);
       return {};
     }
@@ -146,7 +156,25 @@ public:
                                  std::uint32_t value, Token&& token) {
       return asio::async_initiate<Token, void(std::error_code)>(
           [this, batch, notify, value](auto handler) {
-            detail::post_completion(executor_, std::move(handler), copy(batch, notify, value));
+            if (!open_) {
+              detail::post_completion(executor_, std::move(handler),
+                                      make_error_code(errc::not_connected));
+              return;
+            }
+            if (delay_ == std::chrono::steady_clock::duration::zero()) {
+              detail::post_completion(executor_, std::move(handler),
+                                      copy(*peer_, batch, notify, value));
+              return;
+            }
+            auto timer = std::make_unique<asio::steady_timer>(executor_, delay_);
+            auto& t = *timer;
+            t.async_wait([executor = executor_, peer = peer_, handler = std::move(handler),
+                          timer = std::move(timer),
+                          requests = std::vector<write_request>(batch.begin(), batch.end()),
+                          notify, value](std::error_code) mutable {
+              detail::post_completion(executor, std::move(handler),
+                                      copy(*peer, requests, notify, value));
+            });
           },
           token);
     }
@@ -155,6 +183,7 @@ public:
     std::shared_ptr<receiver_state> peer_;
     region_table table_;
     bool open_ = true;
+    std::chrono::steady_clock::duration delay_{};
   };
 
   /// Connects to a receiver of this process; its region table is copied now.

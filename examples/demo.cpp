@@ -1,0 +1,370 @@
+// shardline demo: a trainer process pushes weight versions of a synthetic Qwen-style model
+// into rollout processes (one per receiver), over shm by default or verbs.
+//
+//   shardline_demo [--transport shm|verbs] [--model-bytes 1G] [--experts N] [--tp N]
+//                  [--replicas N] [--bucket-bytes 64M] [--depth 2] [--versions 2]
+//                  [--trace FILE] [--address 127.0.0.2]
+//
+// Each rollout process verifies every parameter of every version by checksum against the
+// values it computes itself, and tells the trainer over a pipe; the exit status is 0 only
+// when every receiver verified every version.
+#include "synthetic_model.hpp"
+
+#include <shardline/convert.hpp>
+#include <shardline/pipeline.hpp>
+#include <shardline/shard_map.hpp>
+#include <shardline/shm_transport.hpp>
+#include <shardline/trace.hpp>
+#include <shardline/transfer_plan.hpp>
+#include <shardline/weights_receiver.hpp>
+#if SHARDLINE_HAVE_VERBS
+#include <shardline/verbs.hpp>
+#endif
+
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+#include <asio/experimental/as_tuple.hpp>
+#include <asio/io_context.hpp>
+#include <asio/steady_timer.hpp>
+#include <asio/use_awaitable.hpp>
+#include <asio/use_future.hpp>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace sl = shardline;
+using namespace std::chrono_literals;
+
+namespace {
+
+struct demo_args {
+  std::string transport = "shm";
+  std::uint64_t model_bytes = 1ull << 30;
+  std::int64_t experts = 0;
+  std::size_t tp = 1, replicas = 1, depth = 2;
+  std::uint64_t bucket_bytes = 64ull << 20;
+  std::uint32_t versions = 2;
+  std::string trace = "shardline-demo.trace.json";
+  std::string address = "127.0.0.2";
+};
+
+std::uint64_t parse_bytes(const std::string& s) {
+  std::size_t used = 0;
+  const double v = std::stod(s, &used);
+  const std::string unit = s.substr(used);
+  const double scale = unit.empty() ? 1 : unit == "K" ? 1 << 10 : unit == "M" ? 1 << 20
+                                       : unit == "G" ? 1 << 30 : -1;
+  if (scale < 0 || v <= 0) throw std::invalid_argument("bad byte count '" + s + "' (use e.g. 64M)");
+  return static_cast<std::uint64_t>(v * scale);
+}
+
+demo_args parse(int argc, char** argv) {
+  demo_args a;
+  for (int i = 1; i < argc; ++i) {
+    const std::string k = argv[i];
+    if (k == "--help" || k == "-h") {
+      std::puts("usage: shardline_demo [--transport shm|verbs] [--model-bytes 1G] [--experts N]\n"
+                "       [--tp N] [--replicas N] [--bucket-bytes 64M] [--depth N] [--versions N]\n"
+                "       [--trace FILE] [--address IPv4 (verbs)]");
+      std::exit(0);
+    }
+    if (i + 1 >= argc) throw std::invalid_argument("option " + k + " needs a value");
+    const std::string v = argv[++i];
+    if (k == "--transport") a.transport = v;
+    else if (k == "--model-bytes") a.model_bytes = parse_bytes(v);
+    else if (k == "--experts") a.experts = std::stoll(v);
+    else if (k == "--tp") a.tp = std::stoul(v);
+    else if (k == "--replicas") a.replicas = std::stoul(v);
+    else if (k == "--bucket-bytes") a.bucket_bytes = parse_bytes(v);
+    else if (k == "--depth") a.depth = std::stoul(v);
+    else if (k == "--versions") a.versions = static_cast<std::uint32_t>(std::stoul(v));
+    else if (k == "--trace") a.trace = v;
+    else if (k == "--address") a.address = v;
+    else throw std::invalid_argument("unknown option " + k);
+  }
+  if (a.transport != "shm" && a.transport != "verbs")
+    throw std::invalid_argument("--transport must be shm or verbs, not '" + a.transport + "'");
+  return a;
+}
+
+double seconds(std::chrono::steady_clock::duration d) {
+  return std::chrono::duration<double>(d).count();
+}
+
+// ---- how each transport is set up on the two sides -------------------------------------
+
+template <class T>
+struct demo_transport;
+
+template <>
+struct demo_transport<sl::shm_transport> {
+  static std::string address(const demo_args&, std::size_t r) {
+    return "/tmp/shardline-demo-" + std::to_string(getppid()) + "-" + std::to_string(r) + ".sock";
+  }
+  static std::string trainer_address(const demo_args&, std::size_t r) {
+    return "/tmp/shardline-demo-" + std::to_string(getpid()) + "-" + std::to_string(r) + ".sock";
+  }
+  static sl::shm_transport make(asio::io_context& io) { return sl::shm_transport(io.get_executor()); }
+  static sl::shm_transport::receiver make_receiver(sl::shm_transport&, asio::io_context& io,
+                                                   const demo_args& a, std::size_t r) {
+    return sl::shm_transport::receiver(io.get_executor(), address(a, r));
+  }
+  template <class Token>
+  static auto connect(sl::shm_transport& t, const demo_args& a, std::size_t r, Token&& token) {
+    return t.async_connect(trainer_address(a, r), std::forward<Token>(token));
+  }
+};
+
+#if SHARDLINE_HAVE_VERBS
+template <>
+struct demo_transport<sl::verbs::transport> {
+  static asio::ip::tcp::endpoint endpoint(const demo_args& a, std::size_t r) {
+    return {asio::ip::make_address(a.address), static_cast<unsigned short>(18515 + r)};
+  }
+  static sl::verbs::transport make(asio::io_context& io) {
+    return sl::verbs::transport(io.get_executor());
+  }
+  static sl::verbs::transport::receiver make_receiver(sl::verbs::transport& t, asio::io_context&,
+                                                      const demo_args& a, std::size_t r) {
+    return sl::verbs::transport::receiver(t, endpoint(a, r));
+  }
+  template <class Token>
+  static auto connect(sl::verbs::transport& t, const demo_args& a, std::size_t r, Token&& token) {
+    return t.async_connect(endpoint(a, r), std::forward<Token>(token));
+  }
+};
+#endif
+
+// ---- the rollout side ---------------------------------------------------------------------
+
+// What receiver r must hold for `version`: each planned parameter built from the master
+// values exactly as the trainer's loader builds it, then sliced by the plan's writes.
+std::unordered_map<std::string, std::uint64_t> expected_checksums(const sl::transfer_plan& plan,
+                                                                  std::size_t r,
+                                                                  std::uint32_t version) {
+  std::unordered_map<std::string, std::uint64_t> sums;
+  std::vector<float> master;
+  std::vector<std::byte> full, mine;
+  for (const auto& exposed : plan.receiver_parameters(r)) {
+    const sl::planned_parameter* p = plan.find(exposed.name);
+    full.assign(p->parameter.destination.bytes(), std::byte{});
+    for (const auto& shard : p->parameter.shards) {
+      master.resize(shard.tensor.elements());
+      sl::examples::fill_master(shard.tensor.name, version, master);
+      sl::convert_f32_to_bf16(master, std::span(full).subspan(shard.offset, shard.tensor.bytes()));
+    }
+    mine.assign(exposed.bytes(), std::byte{});
+    for (const auto& w : p->writes)
+      if (w.receiver == r)
+        std::memcpy(mine.data() + w.destination_offset, full.data() + w.staging_offset, w.bytes);
+    sums[exposed.name] = sl::examples::checksum(mine);
+  }
+  return sums;
+}
+
+template <class T>
+asio::awaitable<int> serve(T& transport, asio::io_context& io, const demo_args& a,
+                           const sl::transfer_plan& plan, std::size_t r, int report_fd) {
+  auto endpoint = demo_transport<T>::make_receiver(transport, io, a, r);
+  sl::weights_receiver weights(endpoint, plan.receiver_parameters(r));
+  co_await endpoint.async_accept(asio::use_awaitable);
+  int failures = 0;
+  for (std::uint32_t n = 0; n < a.versions; ++n) {
+    const std::uint32_t version = co_await weights.async_wait_commit(asio::use_awaitable);
+    const auto expected = expected_checksums(plan, r, version);
+    std::size_t bad = 0;
+    for (const auto& p : weights.parameters())
+      if (sl::examples::checksum(weights.parameter(p.name)) != expected.at(p.name)) {
+        if (bad++ < 5) std::printf("receiver %zu: version %u: parameter '%s' checksum MISMATCH\n",
+                                   r, version, p.name.c_str());
+      }
+    std::printf("receiver %zu: version %u %s: %zu parameters, %zu checksums match\n", r, version,
+                bad ? "FAILED" : "verified", weights.parameters().size(),
+                weights.parameters().size() - bad);
+    std::fflush(stdout);
+    failures += bad != 0;
+    const char verdict = bad ? 'F' : 'V';
+    if (write(report_fd, &verdict, 1) != 1) ++failures;
+  }
+  co_return failures;
+}
+
+template <class T>
+int run_receiver(const demo_args& a, const sl::transfer_plan& plan, std::size_t r, int report_fd) {
+  try {
+    asio::io_context io;
+    T transport = demo_transport<T>::make(io);
+    auto result = asio::co_spawn(io, serve(transport, io, a, plan, r, report_fd), asio::use_future);
+    io.run();
+    return result.get() == 0 ? 0 : 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "receiver %zu: %s\n", r, e.what());
+    return 2;
+  }
+}
+
+// ---- the trainer side ---------------------------------------------------------------------
+
+template <class T>
+asio::awaitable<typename T::connection> connect_with_retry(T& transport, const demo_args& a,
+                                                          std::size_t r) {
+  auto executor = co_await asio::this_coro::executor;
+  for (int attempt = 0;; ++attempt) {
+    auto [ec, connection] = co_await demo_transport<T>::connect(
+        transport, a, r, asio::experimental::as_tuple(asio::use_awaitable));
+    if (!ec) co_return std::move(connection);
+    if (attempt == 200)  // the receiver had 20 s to start listening
+      throw sl::error(ec, "receiver " + std::to_string(r) + ": connect failed: " + ec.message());
+    asio::steady_timer pause(executor, 100ms);
+    co_await pause.async_wait(asio::use_awaitable);
+  }
+}
+
+using demo_pipeline_config = sl::pipeline_config<2, sl::chrome_tracer>;
+
+template <class T>
+asio::awaitable<int> train(T& transport, const demo_args& a, const sl::transfer_plan& plan,
+                           const std::vector<int>& verdict_fds) {
+  std::vector<typename T::connection> connections;
+  for (std::size_t r = 0; r < plan.receivers(); ++r)
+    connections.push_back(co_await connect_with_retry(transport, a, r));
+  std::vector<typename T::connection*> receivers;
+  for (auto& c : connections) receivers.push_back(&c);
+
+  sl::pipeline_options options;
+  options.depth = a.depth;
+  sl::update_pipeline<T, demo_pipeline_config> pipeline(transport, plan, receivers, options);
+
+  // The trainer's float32 master weights, one buffer per source tensor.
+  std::map<std::string, std::vector<float>> masters;
+  for (const auto& b : plan.buckets())
+    for (const auto& p : b.parameters)
+      for (const auto& s : p.parameter.shards) masters[s.tensor.name].resize(s.tensor.elements());
+
+  int failures = 0;
+  for (std::uint32_t version = 1; version <= a.versions; ++version) {
+    for (auto& [name, values] : masters) sl::examples::fill_master(name, version, values);
+    // The per-shard work a real loader does: convert to the inference dtype in place.
+    auto loader = [&masters](const sl::shard_load& load) {
+      sl::convert_f32_to_bf16(masters.at(load.tensor.name), load.staging);
+    };
+    const sl::update_report report =
+        co_await pipeline.async_update(version, loader, asio::use_awaitable);
+
+    std::printf("\nversion %u: %zu buckets, depth %zu\n", version, report.buckets.size(),
+                pipeline.depth());
+    std::printf("  bucket      MiB   load ms  transfer ms   transfer GB/s\n");
+    for (const auto& b : report.buckets)
+      std::printf("  %6zu %8.1f %9.2f %12.2f %15.2f\n", b.index, b.bytes / 1048576.0,
+                  seconds(b.load_time()) * 1e3, seconds(b.transfer_time()) * 1e3,
+                  b.bytes * (plan.receivers()) / 1e9 / std::max(seconds(b.transfer_time()), 1e-9));
+    std::printf("  makespan %.1f ms, %.2f GB/s to %zu receiver(s); sum load %.1f ms, sum transfer "
+                "%.1f ms, ideal %.1f ms, overlap efficiency %.3f\n",
+                seconds(report.elapsed()) * 1e3, report.wire_bytes / 1e9 / seconds(report.elapsed()),
+                plan.receivers(), seconds(report.total_load()) * 1e3,
+                seconds(report.total_transfer()) * 1e3, seconds(report.ideal()) * 1e3,
+                report.overlap_efficiency());
+    std::fflush(stdout);
+    // Wait for every receiver's verdict before the next version overwrites its memory.
+    for (int fd : verdict_fds) {
+      char verdict = 0;
+      if (read(fd, &verdict, 1) != 1 || verdict != 'V') ++failures;
+    }
+  }
+  std::error_code ec;
+  pipeline.tracer().write_file(a.trace, ec);
+  if (ec) std::printf("could not write trace %s: %s\n", a.trace.c_str(), ec.message().c_str());
+  else std::printf("\ntrace: %s (%zu events; open in Perfetto)\n", a.trace.c_str(),
+                   pipeline.tracer().size());
+  for (auto& c : connections) c.close();
+  co_return failures;
+}
+
+template <class T>
+int run_demo(const demo_args& a, const sl::transfer_plan& plan) {
+  // Fork the receivers first: nothing that threads or polls exists yet.
+  std::vector<pid_t> children;
+  std::vector<int> verdict_fds;
+  for (std::size_t r = 0; r < plan.receivers(); ++r) {
+    int fds[2];
+    if (pipe(fds) != 0) throw std::system_error(errno, std::system_category(), "pipe");
+    const pid_t pid = fork();
+    if (pid < 0) throw std::system_error(errno, std::system_category(), "fork");
+    if (pid == 0) {
+      close(fds[0]);
+      std::fflush(stdout);
+      _exit(run_receiver<T>(a, plan, r, fds[1]));
+    }
+    close(fds[1]);
+    children.push_back(pid);
+    verdict_fds.push_back(fds[0]);
+  }
+  int failures = 0;
+  try {
+    asio::io_context io;
+    T transport = demo_transport<T>::make(io);
+    auto result = asio::co_spawn(io, train(transport, a, plan, verdict_fds), asio::use_future);
+    io.run();
+    failures = result.get();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "trainer: %s\n", e.what());
+    failures = 1;
+    for (pid_t c : children) kill(c, SIGTERM);
+  }
+  for (pid_t c : children) {
+    int status = 0;
+    waitpid(c, &status, 0);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) ++failures;
+  }
+  std::printf("\nverification: %s\n", failures ? "FAILED" : "every parameter of every version "
+                                                           "verified on every receiver");
+  return failures ? 1 : 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const demo_args a = parse(argc, argv);
+    const auto model = sl::examples::model_config::of_size(a.model_bytes, a.experts);
+    const auto tensors = model.tensors();
+    sl::plan_options options;
+    options.tensor_parallel = a.tp;
+    options.replicas = a.replicas;
+    options.bucket_bytes = a.bucket_bytes;
+    const auto plan = sl::transfer_plan::build(tensors, sl::shard_map::standard(), options);
+    std::size_t parameters = 0;
+    for (const auto& b : plan.buckets()) parameters += b.parameters.size();
+    std::printf("shardline demo: transport %s, synthetic Qwen-style model: %lld layers, hidden "
+                "%lld%s, %.2f GiB bf16, %zu tensors -> %zu parameters in %zu buckets of <= %.0f "
+                "MiB; %zu receiver(s) (tp %zu x replicas %zu), depth %zu, %u versions\n",
+                a.transport.c_str(), static_cast<long long>(model.layers),
+                static_cast<long long>(model.hidden),
+                model.experts ? (", " + std::to_string(model.experts) + " experts").c_str() : "",
+                plan.total_bytes() / double(1ull << 30), tensors.size(), parameters,
+                plan.buckets().size(), a.bucket_bytes / 1048576.0, plan.receivers(), a.tp,
+                a.replicas, a.depth, a.versions);
+    std::fflush(stdout);
+    if (a.transport == "shm") return run_demo<sl::shm_transport>(a, plan);
+#if SHARDLINE_HAVE_VERBS
+    return run_demo<sl::verbs::transport>(a, plan);
+#else
+    std::fprintf(stderr, "this build has no verbs support (libibverbs was not found)\n");
+    return 2;
+#endif
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "shardline_demo: %s\n", e.what());
+    return 2;
+  }
+}
