@@ -1,0 +1,582 @@
+#include <shardline/transfer_plan.hpp>
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <map>
+#include <random>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace sl = shardline;
+
+namespace {
+
+using shape_t = std::vector<std::int64_t>;
+
+constexpr std::int64_t hidden = 16, kv = 8, inter = 24, experts = 4, expert_inter = 6;
+
+std::vector<sl::parameter_descriptor> qwen(bool moe, int layers = 2) {
+  std::vector<sl::parameter_descriptor> t;
+  auto add = [&t](std::string name, shape_t shape) {
+    t.push_back({std::move(name), sl::dtype::bf16, std::move(shape)});
+  };
+  add("model.embed_tokens.weight", {32, hidden});
+  for (int l = 0; l < layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    add(p + "input_layernorm.weight", {hidden});
+    add(p + "self_attn.q_proj.weight", {hidden, hidden});
+    add(p + "self_attn.k_proj.weight", {kv, hidden});
+    add(p + "self_attn.v_proj.weight", {kv, hidden});
+    add(p + "self_attn.o_proj.weight", {hidden, hidden});
+    add(p + "post_attention_layernorm.weight", {hidden});
+    if (!moe) {
+      add(p + "mlp.gate_proj.weight", {inter, hidden});
+      add(p + "mlp.up_proj.weight", {inter, hidden});
+      add(p + "mlp.down_proj.weight", {hidden, inter});
+    } else {
+      for (int e = 0; e < experts; ++e) {
+        const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
+        add(x + "gate_proj.weight", {expert_inter, hidden});
+        add(x + "up_proj.weight", {expert_inter, hidden});
+        add(x + "down_proj.weight", {hidden, expert_inter});
+      }
+    }
+  }
+  add("model.norm.weight", {hidden});
+  return t;
+}
+
+template <class F>
+void check_error(F&& f, sl::errc code, std::initializer_list<std::string_view> words) {
+  try {
+    f();
+    FAIL("no error thrown");
+  } catch (const sl::error& e) {
+    const std::string what = e.what();
+    INFO("message: " << what);
+    CHECK(e.code() == sl::make_error_code(code));
+    for (auto w : words) CHECK_MESSAGE(what.find(w) != std::string::npos, "missing: " << w);
+  }
+}
+
+sl::transfer_plan build(const std::vector<sl::parameter_descriptor>& model, sl::plan_options o = {}) {
+  return sl::transfer_plan::build(model, sl::shard_map::standard(), std::move(o));
+}
+
+sl::plan_options tp_options(std::size_t tp, std::size_t replicas = 1) {
+  sl::plan_options o;
+  o.tensor_parallel = tp;
+  o.replicas = replicas;
+  return o;
+}
+
+std::map<std::string, shape_t> shapes_of(const std::vector<sl::parameter_descriptor>& v) {
+  std::map<std::string, shape_t> m;
+  for (const auto& p : v) m[p.name] = p.shape;
+  return m;
+}
+
+}  // namespace
+
+TEST_CASE("transfer_plan: default split replicates norms and 1-D, splits o_proj/down_proj/w2 by columns") {
+  using sl::tp_split;
+  CHECK(sl::default_split({"model.norm.weight", sl::dtype::bf16, {4, 4}}) == tp_split::replicate);
+  CHECK(sl::default_split({"l.self_attn.qkv_proj.bias", sl::dtype::bf16, {4}}) == tp_split::replicate);
+  CHECK(sl::default_split({"l.self_attn.o_proj.weight", sl::dtype::bf16, {4, 4}}) == tp_split::columns);
+  CHECK(sl::default_split({"l.mlp.down_proj.weight", sl::dtype::bf16, {4, 4}}) == tp_split::columns);
+  CHECK(sl::default_split({"l.mlp.experts.w2_weight", sl::dtype::bf16, {2, 4, 4}}) == tp_split::columns);
+  CHECK(sl::default_split({"l.mlp.experts.w13_weight", sl::dtype::bf16, {2, 4, 4}}) == tp_split::rows);
+  CHECK(sl::default_split({"l.self_attn.qkv_proj.weight", sl::dtype::bf16, {4, 4}}) == tp_split::rows);
+  CHECK(sl::default_split({"l.mlp.gate_up_proj.weight", sl::dtype::bf16, {4, 4}}) == tp_split::rows);
+  CHECK(sl::to_string(tp_split::columns) == "columns");
+}
+
+TEST_CASE("transfer_plan: one receiver gets every parameter whole, in one write each") {
+  const auto plan = build(qwen(false));
+  CHECK(plan.receivers() == 1);
+  std::uint64_t total = 0;
+  for (const auto& b : plan.buckets())
+    for (const auto& p : b.parameters) {
+      INFO(p.parameter.destination.name);
+      REQUIRE(p.writes.size() == 1);
+      CHECK(p.writes[0] == sl::planned_write{0, 0, 0, p.parameter.destination.bytes()});
+      CHECK(p.slice == p.parameter.destination);
+      total += p.parameter.destination.bytes();
+    }
+  CHECK(plan.total_bytes() == total);
+  CHECK(plan.find("model.layers.1.self_attn.qkv_proj.weight") != nullptr);
+  CHECK(plan.find("model.layers.1.self_attn.q_proj.weight") == nullptr);
+  CHECK(plan.find("nope") == nullptr);
+}
+
+TEST_CASE("transfer_plan: replicas repeat the same writes per receiver group") {
+  const auto plan = build(qwen(false), tp_options(2, 2));
+  CHECK(plan.receivers() == 4);
+  const auto* qkv = plan.find("model.layers.0.self_attn.qkv_proj.weight");
+  REQUIRE(qkv != nullptr);
+  std::vector<sl::planned_write> r1, r3;
+  for (auto w : qkv->writes) {
+    if (w.receiver == 1) r1.push_back(w);
+    if (w.receiver == 3) r3.push_back({1, w.staging_offset, w.destination_offset, w.bytes});
+  }
+  CHECK(!r1.empty());
+  CHECK(r1 == r3);
+  CHECK(plan.receiver_parameters(0) == plan.receiver_parameters(3));
+}
+
+TEST_CASE("transfer_plan: tensor-parallel receivers expose sliced shapes") {
+  const auto dense = shapes_of(build(qwen(false), tp_options(2)).receiver_parameters(1));
+  CHECK(dense.at("model.embed_tokens.weight") == shape_t{16, hidden});
+  CHECK(dense.at("model.layers.0.input_layernorm.weight") == shape_t{hidden});
+  CHECK(dense.at("model.layers.0.self_attn.qkv_proj.weight") == shape_t{(hidden + 2 * kv) / 2, hidden});
+  CHECK(dense.at("model.layers.0.self_attn.o_proj.weight") == shape_t{hidden, hidden / 2});
+  CHECK(dense.at("model.layers.1.mlp.gate_up_proj.weight") == shape_t{inter, hidden});
+  CHECK(dense.at("model.layers.1.mlp.down_proj.weight") == shape_t{hidden, inter / 2});
+  CHECK(dense.at("model.norm.weight") == shape_t{hidden});
+  CHECK(dense.size() == 2 + 2 * 6);
+
+  const auto moe = shapes_of(build(qwen(true), tp_options(2)).receiver_parameters(0));
+  CHECK(moe.at("model.layers.0.mlp.experts.w13_weight") == shape_t{experts, expert_inter, hidden});
+  CHECK(moe.at("model.layers.0.mlp.experts.w2_weight") == shape_t{experts, hidden, expert_inter / 2});
+}
+
+TEST_CASE("transfer_plan: a row split takes each shard's rows, as vLLM lays out qkv") {
+  const auto plan = build(qwen(false), tp_options(2));
+  const auto* qkv = plan.find("model.layers.0.self_attn.qkv_proj.weight");
+  REQUIRE(qkv != nullptr);
+  CHECK(qkv->split == sl::tp_split::rows);
+  std::vector<sl::planned_write> rank1;
+  for (auto w : qkv->writes)
+    if (w.receiver == 1) rank1.push_back(w);
+  const std::uint64_t row = hidden * 2, q = hidden * row, k = kv * row;
+  CHECK(rank1 == std::vector<sl::planned_write>{{1, q / 2, 0, q / 2},
+                                                {1, q + k / 2, q / 2, k / 2},
+                                                {1, q + k + k / 2, q / 2 + k / 2, k / 2}});
+  // Rank 0's q and k halves are not adjacent in staging: nothing to coalesce either.
+  CHECK(qkv->writes.size() == 6);
+}
+
+TEST_CASE("transfer_plan: a column split writes one strided row at a time") {
+  const auto plan = build(qwen(false), tp_options(2));
+  const auto* o = plan.find("model.layers.1.self_attn.o_proj.weight");
+  REQUIRE(o != nullptr);
+  CHECK(o->split == sl::tp_split::columns);
+  CHECK(o->writes.size() == 2 * hidden);
+  const std::uint64_t row = hidden * 2;
+  for (const auto& w : o->writes) {
+    const std::uint64_t i = w.destination_offset / (row / 2);
+    CHECK(w.bytes == row / 2);
+    CHECK(w.staging_offset == i * row + w.receiver * row / 2);
+  }
+}
+
+TEST_CASE("transfer_plan: a user split function overrides the default") {
+  auto o = tp_options(2);
+  o.split = [](const sl::parameter_descriptor&) { return sl::tp_split::replicate; };
+  const auto plan = build(qwen(false), o);
+  CHECK(plan.receiver_parameters(1) == plan.receiver_parameters(0));
+  for (const auto& b : plan.buckets())
+    for (const auto& p : b.parameters) CHECK(p.writes.size() == 2);
+}
+
+TEST_CASE("transfer_plan: invalid options are errors naming the option") {
+  const auto model = qwen(false, 1);
+  check_error([&] { build(model, tp_options(0)); }, sl::errc::invalid_argument, {"tensor_parallel is 0"});
+  check_error([&] { build(model, tp_options(1, 0)); }, sl::errc::invalid_argument, {"replicas is 0"});
+  sl::plan_options o;
+  o.bucket_bytes = 0;
+  check_error([&] { build(model, o); }, sl::errc::invalid_argument, {"bucket_bytes is 0"});
+  o = {};
+  o.staging_alignment = 48;
+  check_error([&] { build(model, o); }, sl::errc::invalid_argument, {"staging_alignment is 48", "power of two"});
+}
+
+TEST_CASE("transfer_plan: a shard whose rows do not divide by tensor_parallel is an error naming it") {
+  // q's 12 rows divide by 4, k's 6 do not.
+  std::vector<sl::parameter_descriptor> m{{"l.q_proj.weight", sl::dtype::bf16, {12, 4}},
+                                          {"l.k_proj.weight", sl::dtype::bf16, {6, 4}},
+                                          {"l.v_proj.weight", sl::dtype::bf16, {6, 4}}};
+  check_error([&] { build(m, tp_options(4)); }, sl::errc::invalid_argument,
+              {"'l.qkv_proj.weight'", "shard 1", "'l.k_proj.weight'", "6 rows", "not divisible by tensor_parallel 4"});
+  check_error([] { build(qwen(true, 1), tp_options(4)); }, sl::errc::invalid_argument,
+              {"'model.layers.0.mlp.experts.w13_weight'", "shard 0", "model.layers.0.mlp.experts.0.gate_proj.weight",
+               "6 rows"});
+}
+
+TEST_CASE("transfer_plan: a last dim that does not divide by tensor_parallel is an error naming it") {
+  std::vector<sl::parameter_descriptor> m{{"l.o_proj.weight", sl::dtype::bf16, {8, 6}}};
+  check_error([&] { build(m, tp_options(4)); }, sl::errc::invalid_argument,
+              {"'l.o_proj.weight'", "last dim 6", "[8, 6]", "not divisible by tensor_parallel 4"});
+}
+
+TEST_CASE("transfer_plan: splitting a scalar or an unknown split is an error naming the parameter") {
+  std::vector<sl::parameter_descriptor> m{{"scale", sl::dtype::f32, {}}};
+  auto o = tp_options(2);
+  o.split = [](const sl::parameter_descriptor&) { return sl::tp_split::rows; };
+  check_error([&] { build(m, o); }, sl::errc::invalid_argument, {"'scale'", "scalar", "rows"});
+  o.split = [](const sl::parameter_descriptor&) { return sl::tp_split::columns; };
+  check_error([&] { build(m, o); }, sl::errc::invalid_argument, {"'scale'", "scalar", "columns"});
+  o.split = [](const sl::parameter_descriptor&) { return static_cast<sl::tp_split>(7); };
+  check_error([&] { build(m, o); }, sl::errc::invalid_argument, {"'scale'", "unknown tp_split"});
+  // Replicated (the default for a scalar), it is fine.
+  CHECK(build(m, tp_options(2)).receiver_parameters(1).front().shape.empty());
+}
+
+TEST_CASE("transfer_plan: buckets respect the byte budget and keep each fused parameter whole") {
+  sl::plan_options o;
+  o.staging_alignment = 1;
+  o.bucket_bytes = 1200;
+  // qkv is 1024 bytes, more than q alone: it still travels whole.
+  const auto plan = build(qwen(false), o);
+  std::vector<std::string> order;
+  for (const auto& b : plan.buckets()) {
+    REQUIRE(!b.parameters.empty());
+    if (b.parameters.size() > 1) CHECK(b.staging_bytes <= o.bucket_bytes);
+    std::uint64_t end = 0;
+    for (const auto& p : b.parameters) {
+      CHECK(p.staging_offset >= end);
+      end = p.staging_offset + p.parameter.destination.bytes();
+      order.push_back(p.parameter.destination.name);
+    }
+    CHECK(b.staging_bytes == end);
+  }
+  const auto fused = sl::shard_map::standard().fuse(qwen(false));
+  REQUIRE(order.size() == fused.size());
+  for (std::size_t i = 0; i < order.size(); ++i) CHECK(order[i] == fused[i].destination.name);
+  // gate_up (1536 bytes) is over budget: a bucket of its own.
+  const auto* gate_up = plan.find("model.layers.0.mlp.gate_up_proj.weight");
+  REQUIRE(gate_up != nullptr);
+  for (const auto& b : plan.buckets())
+    if (&b.parameters.front() <= gate_up && gate_up <= &b.parameters.back()) {
+      CHECK(b.parameters.size() == 1);
+      CHECK(b.staging_bytes == 1536);
+    }
+  CHECK(plan.max_staging_bytes() == 1536);
+}
+
+TEST_CASE("transfer_plan: exact bucket composition with alignment") {
+  std::vector<sl::parameter_descriptor> m{{"a", sl::dtype::i8, {10}},   {"b", sl::dtype::i8, {20}},
+                                          {"c", sl::dtype::i8, {100}}, {"d", sl::dtype::i8, {1}},
+                                          {"e", sl::dtype::i8, {60}},  {"f", sl::dtype::i8, {64}}};
+  sl::plan_options o;
+  o.bucket_bytes = 64;
+  o.staging_alignment = 16;
+  const auto plan = sl::transfer_plan::build(m, sl::shard_map::identity(), o);
+  // a@0 b@16 | c alone (over budget) | d@0, e would end at 76 | e | f exactly fills a bucket.
+  REQUIRE(plan.buckets().size() == 5);
+  const auto& b = plan.buckets();
+  CHECK(b[0].parameters.size() == 2);
+  CHECK(b[0].parameters[1].staging_offset == 16);
+  CHECK(b[0].staging_bytes == 36);
+  CHECK(b[1].parameters.front().parameter.destination.name == "c");
+  CHECK(b[1].staging_bytes == 100);
+  CHECK(b[2].parameters.size() == 1);
+  CHECK(b[2].staging_bytes == 1);
+  CHECK(b[3].parameters.front().parameter.destination.name == "e");
+  CHECK(b[4].staging_bytes == 64);
+  CHECK(plan.max_staging_bytes() == 100);
+  CHECK(plan.total_bytes() == 255);
+}
+
+TEST_CASE("transfer_plan: the default alignment starts every parameter on 256 bytes") {
+  const auto plan = build(qwen(false));
+  REQUIRE(plan.buckets().size() == 1);  // 64 MiB budget
+  for (const auto& p : plan.buckets().front().parameters) CHECK(p.staging_offset % 256 == 0);
+}
+
+TEST_CASE("transfer_plan: an empty model has no buckets") {
+  const auto plan = build({});
+  CHECK(plan.buckets().empty());
+  CHECK(plan.max_staging_bytes() == 0);
+  CHECK(plan.total_bytes() == 0);
+  CHECK(plan.receiver_parameters(0).empty());
+}
+
+TEST_CASE("transfer_plan: validate_receiver accepts what receiver_parameters lists, plus extras") {
+  const auto plan = build(qwen(true), tp_options(2, 2));
+  for (std::size_t r = 0; r < plan.receivers(); ++r) {
+    auto exposed = plan.receiver_parameters(r);
+    exposed.push_back({"extra.buffer", sl::dtype::f32, {3}});
+    CHECK_NOTHROW(plan.validate_receiver(r, exposed));
+  }
+}
+
+TEST_CASE("transfer_plan: validate_receiver reports a parameter the receiver lacks") {
+  const auto plan = build(qwen(false), tp_options(2));
+  auto exposed = plan.receiver_parameters(1);
+  exposed.erase(exposed.begin() + 3);
+  const std::string name = plan.receiver_parameters(1)[3].name;
+  const std::string bytes = std::to_string(plan.receiver_parameters(1)[3].bytes());
+  check_error([&] { plan.validate_receiver(1, exposed); }, sl::errc::unknown_parameter,
+              {"'" + name + "'", "receiver 1", "does not expose", bytes + " bytes"});
+  std::error_code ec;
+  plan.validate_receiver(1, exposed, ec);
+  CHECK(ec == sl::errc::unknown_parameter);
+}
+
+TEST_CASE("transfer_plan: validate_receiver reports a size mismatch with both sizes") {
+  const auto plan = build(qwen(false), tp_options(2));
+  auto exposed = plan.receiver_parameters(0);
+  // The receiver exposes the unsliced qkv: twice the plan's bytes.
+  for (auto& p : exposed)
+    if (p.name == "model.layers.0.self_attn.qkv_proj.weight") p.shape = {hidden + 2 * kv, hidden};
+  check_error([&] { plan.validate_receiver(0, exposed); }, sl::errc::size_mismatch,
+              {"'model.layers.0.self_attn.qkv_proj.weight'", "receiver 0", "exposes 1024 bytes",
+               "plan sends 512 bytes"});
+  std::error_code ec;
+  plan.validate_receiver(0, exposed, ec);
+  CHECK(ec == sl::errc::size_mismatch);
+  plan.validate_receiver(0, plan.receiver_parameters(0), ec);
+  CHECK(!ec);
+}
+
+TEST_CASE("transfer_plan: a receiver index past the plan's receivers is an error") {
+  const auto plan = build(qwen(false, 1), tp_options(2, 2));
+  check_error([&] { plan.receiver_parameters(4); }, sl::errc::invalid_argument, {"receiver 4", "4 receivers"});
+  check_error([&] { plan.validate_receiver(7, {}); }, sl::errc::invalid_argument, {"receiver 7"});
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tiling property: for random small models, every byte of every receiver's parameter is
+// written exactly once, with the byte of the right source element. The reference below derives
+// each receiver's expected bytes from the layout semantics (concatenation order, per-shard row
+// slices, per-row column slices), not from the plan's offsets.
+
+namespace {
+
+struct logical_parameter {
+  std::string destination;
+  std::vector<std::string> sources;  // in layout order
+  bool one_dimensional = false;
+};
+
+struct random_model {
+  std::vector<sl::parameter_descriptor> tensors;
+  std::vector<logical_parameter> expected;
+  std::map<std::string, std::size_t> id;  // source name -> index in tensors
+};
+
+random_model make_random_model(std::mt19937& rng) {
+  auto pick = [&rng](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  random_model m;
+  auto add = [&m](const std::string& name, sl::dtype t, shape_t shape) {
+    m.id[name] = m.tensors.size();
+    m.tensors.push_back({name, t, std::move(shape)});
+  };
+  auto single = [&m, &add](const std::string& name, sl::dtype t, shape_t shape) {
+    m.expected.push_back({name, {name}, shape.size() == 1});
+    add(name, t, std::move(shape));
+  };
+  const int layers = pick(1, 3);
+  const std::int64_t h = 4 * pick(1, 4);
+  for (int l = 0; l < layers; ++l) {
+    const auto t = static_cast<sl::dtype>(pick(0, 6));
+    const std::string p = "layers." + std::to_string(l) + ".";
+    const std::int64_t hq = 4 * pick(1, 3), hk = 4 * pick(1, 2), inter = 4 * pick(1, 4);
+    single(p + "input_layernorm.weight", t, {h});
+    logical_parameter qkv{p + "attn.qkv_proj.weight", {}, false}, bias{p + "attn.qkv_proj.bias", {}, true};
+    for (auto [name, rows] : {std::pair{"q_proj", hq}, std::pair{"k_proj", hk}, std::pair{"v_proj", hk}}) {
+      qkv.sources.push_back(p + "attn." + name + ".weight");
+      bias.sources.push_back(p + "attn." + name + ".bias");
+    }
+    // Sources in a shuffled order: the layout order must not depend on it.
+    std::vector<std::pair<std::string, shape_t>> attn;
+    for (std::size_t i = 0; i < 3; ++i) {
+      const std::int64_t rows = i == 0 ? hq : hk;
+      attn.push_back({qkv.sources[i], {rows, h}});
+      attn.push_back({bias.sources[i], {rows}});
+    }
+    std::shuffle(attn.begin(), attn.end(), rng);
+    for (auto& [name, shape] : attn) add(name, t, shape);
+    m.expected.push_back(qkv);
+    m.expected.push_back(bias);
+    single(p + "attn.o_proj.weight", t, {h, hq});
+    if (pick(0, 1) == 0) {
+      logical_parameter gate_up{p + "mlp.gate_up_proj.weight", {p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"}, false};
+      add(gate_up.sources[1], t, {inter, h});
+      add(gate_up.sources[0], t, {inter, h});
+      m.expected.push_back(gate_up);
+      single(p + "mlp.down_proj.weight", t, {h, inter});
+    } else {
+      const int e_count = pick(1, 4);
+      logical_parameter w13{p + "mlp.experts.w13_weight", {}, false}, w2{p + "mlp.experts.w2_weight", {}, false};
+      for (int e = 0; e < e_count; ++e) {
+        const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
+        w13.sources.push_back(x + "gate_proj.weight");
+        w13.sources.push_back(x + "up_proj.weight");
+        w2.sources.push_back(x + "down_proj.weight");
+      }
+      for (int e = e_count - 1; e >= 0; --e) {
+        add(w13.sources[2 * e + 1], t, {inter, h});
+        add(w2.sources[e], t, {h, inter});
+        add(w13.sources[2 * e], t, {inter, h});
+      }
+      m.expected.push_back(w13);
+      m.expected.push_back(w2);
+    }
+  }
+  single("extra.scale_table", sl::dtype::f32, {4, 2, 8});
+  // Destinations come in the order their first source appears.
+  auto first = [&m](const logical_parameter& lp) {
+    std::size_t i = m.tensors.size();
+    for (const auto& s : lp.sources) i = std::min(i, m.id.at(s));
+    return i;
+  };
+  std::stable_sort(m.expected.begin(), m.expected.end(),
+                   [&first](const auto& a, const auto& b) { return first(a) < first(b); });
+  return m;
+}
+
+// A byte's identity: which source tensor, which byte of it.
+std::uint64_t tag(std::size_t source, std::uint64_t byte) { return (std::uint64_t(source + 1) << 32) | byte; }
+
+// Every split for every kind of parameter, across salts.
+sl::tp_split split_for(const std::string& name, std::uint32_t salt) {
+  std::uint32_t h = 2166136261u ^ salt;
+  for (unsigned char c : name) h = (h ^ c) * 16777619u;
+  return static_cast<sl::tp_split>(h % 3);
+}
+
+// The bytes rank `rank` of `tp` must hold for `lp`, as tags, and its shape.
+std::vector<std::uint64_t> reference(const random_model& m, const logical_parameter& lp, std::size_t rank,
+                                     std::size_t tp, std::uint32_t salt, shape_t& shape) {
+  std::vector<std::uint64_t> full, mine;
+  std::vector<const sl::parameter_descriptor*> src;
+  for (const auto& s : lp.sources) src.push_back(&m.tensors[m.id.at(s)]);
+  for (const auto* s : src)
+    for (std::uint64_t k = 0; k < s->bytes(); ++k) full.push_back(tag(m.id.at(s->name), k));
+  const std::uint64_t elem = sl::size_of(src[0]->type);
+  // The full destination shape, straight from the naming convention.
+  const bool stacked = lp.destination.find("experts.w") != std::string::npos;
+  const std::size_t members = lp.destination.ends_with("w13_weight") ? 2 : 1;
+  shape = src[0]->shape;
+  if (stacked) {
+    shape[0] *= static_cast<std::int64_t>(members);
+    shape.insert(shape.begin(), static_cast<std::int64_t>(src.size() / members));
+  } else {
+    shape[0] = 0;
+    for (const auto* s : src) shape[0] += s->shape[0];
+  }
+  const sl::tp_split split = tp == 1 ? sl::tp_split::replicate : split_for(lp.destination, salt);
+  if (split == sl::tp_split::replicate) return full;
+  if (split == sl::tp_split::rows) {
+    std::uint64_t at = 0;
+    for (const auto* s : src) {
+      const std::uint64_t chunk = s->bytes() / tp;
+      mine.insert(mine.end(), full.begin() + at + rank * chunk, full.begin() + at + (rank + 1) * chunk);
+      at += s->bytes();
+    }
+    shape[stacked ? 1 : 0] /= static_cast<std::int64_t>(tp);
+    return mine;
+  }
+  const std::uint64_t row = static_cast<std::uint64_t>(shape.back()) * elem, part = row / tp;
+  for (std::uint64_t i = 0; i < full.size() / row; ++i)
+    mine.insert(mine.end(), full.begin() + i * row + rank * part, full.begin() + i * row + (rank + 1) * part);
+  shape.back() /= static_cast<std::int64_t>(tp);
+  return mine;
+}
+
+void check_tiling(const random_model& m, std::size_t tp, std::size_t replicas, std::uint64_t budget,
+                  std::uint64_t alignment, std::uint32_t salt) {
+  sl::plan_options o;
+  o.tensor_parallel = tp;
+  o.replicas = replicas;
+  o.bucket_bytes = budget;
+  o.staging_alignment = alignment;
+  o.split = [salt](const sl::parameter_descriptor& p) { return split_for(p.name, salt); };
+  const auto plan = sl::transfer_plan::build(m.tensors, sl::shard_map::standard(), o);
+  REQUIRE(plan.receivers() == tp * replicas);
+
+  // Receiver memory as tags, and how often each byte was written.
+  std::vector<std::map<std::string, std::vector<std::uint64_t>>> memory(plan.receivers());
+  std::vector<std::map<std::string, std::vector<int>>> writes(plan.receivers());
+  for (std::size_t r = 0; r < plan.receivers(); ++r)
+    for (const auto& p : plan.receiver_parameters(r)) {
+      memory[r][p.name].assign(p.bytes(), 0);
+      writes[r][p.name].assign(p.bytes(), 0);
+    }
+
+  std::size_t planned = 0;
+  std::uint64_t total = 0;
+  for (const auto& b : plan.buckets()) {
+    CHECK((b.staging_bytes <= budget || b.parameters.size() == 1));
+    CHECK(b.staging_bytes <= plan.max_staging_bytes());
+    // The staging slot as the loader fills it: every source at its shard's offset.
+    std::vector<std::uint64_t> slot(b.staging_bytes, 0);
+    std::vector<int> loaded(b.staging_bytes, 0);
+    for (const auto& p : b.parameters) {
+      ++planned;
+      total += p.parameter.destination.bytes();
+      CHECK(p.staging_offset % alignment == 0);
+      for (const auto& s : p.parameter.shards) {
+        const std::size_t id = m.id.at(s.tensor.name);
+        CHECK(s.tensor == m.tensors[id]);
+        REQUIRE(p.staging_offset + s.offset + s.tensor.bytes() <= slot.size());
+        for (std::uint64_t k = 0; k < s.tensor.bytes(); ++k) {
+          slot[p.staging_offset + s.offset + k] = tag(id, k);
+          ++loaded[p.staging_offset + s.offset + k];
+        }
+      }
+      for (const auto& w : p.writes) {
+        REQUIRE(w.receiver < plan.receivers());
+        REQUIRE(w.bytes > 0);
+        REQUIRE(w.staging_offset + w.bytes <= p.parameter.destination.bytes());
+        auto& dst = memory[w.receiver][p.parameter.destination.name];
+        auto& cnt = writes[w.receiver][p.parameter.destination.name];
+        REQUIRE(w.destination_offset + w.bytes <= dst.size());
+        for (std::uint64_t k = 0; k < w.bytes; ++k) {
+          dst[w.destination_offset + k] = slot[p.staging_offset + w.staging_offset + k];
+          ++cnt[w.destination_offset + k];
+        }
+      }
+    }
+    // Parameters never overlap in staging.
+    CHECK(std::count_if(loaded.begin(), loaded.end(), [](int n) { return n > 1; }) == 0);
+  }
+  CHECK(planned == m.expected.size());
+  CHECK(plan.total_bytes() == total);
+
+  for (std::size_t r = 0; r < plan.receivers(); ++r) {
+    const auto exposed = plan.receiver_parameters(r);
+    REQUIRE(exposed.size() == m.expected.size());
+    for (std::size_t i = 0; i < m.expected.size(); ++i) {
+      const auto& lp = m.expected[i];
+      INFO("receiver " << r << " parameter " << lp.destination);
+      shape_t shape;
+      const auto want = reference(m, lp, r % tp, tp, salt, shape);
+      CHECK(exposed[i].name == lp.destination);
+      CHECK(exposed[i].shape == shape);
+      const auto& got = memory[r].at(lp.destination);
+      const auto& cnt = writes[r].at(lp.destination);
+      REQUIRE(got.size() == want.size());
+      std::size_t wrong = 0, not_once = 0;
+      for (std::size_t k = 0; k < got.size(); ++k) {
+        wrong += got[k] != want[k];
+        not_once += cnt[k] != 1;
+      }
+      CHECK(wrong == 0);
+      CHECK(not_once == 0);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("transfer_plan: every receiver byte is written exactly once, from the right source element") {
+  for (std::uint32_t seed = 1; seed <= 12; ++seed) {
+    std::mt19937 rng(seed);
+    const random_model m = make_random_model(rng);
+    const std::uint64_t budget = std::uniform_int_distribution<std::uint64_t>(64, 8192)(rng);
+    const std::uint64_t alignment = std::uint64_t(1) << std::uniform_int_distribution<int>(0, 8)(rng);
+    for (std::size_t tp : {1, 2, 4})
+      for (std::size_t replicas : {1, 2}) {
+        INFO("seed " << seed << " tp " << tp << " replicas " << replicas << " budget " << budget
+                     << " alignment " << alignment);
+        check_tiling(m, tp, replicas, budget, alignment, seed);
+      }
+  }
+}
