@@ -66,6 +66,8 @@ public:
     explicit receiver(const executor_type& ex, std::size_t notification_depth = 64)
         : state_(std::make_shared<receiver_state>(ex, notification_depth)) {}
 
+    executor_type get_executor() const noexcept { return state_->notifications.get_executor(); }
+
     std::span<std::byte> allocate(std::size_t bytes) {
       auto& arena = state_->arenas.emplace_back(new std::byte[bytes]());
       return state_->arena_spans.emplace_back(arena.get(), bytes);

@@ -272,9 +272,9 @@ private:
       if (failure) std::rethrow_exception(failure);
     } else if (loader_pool_) {
       auto call = [&loader, &load] { loader(load); };
-      std::exception_ptr failure = co_await detail::async_run_on(
-          loader_pool_->get_executor(), executor_, call, asio::use_awaitable);
-      if (failure) std::rethrow_exception(failure);
+      // use_awaitable rethrows the loader's exception, if any.
+      co_await detail::async_run_on(loader_pool_->get_executor(), executor_, call,
+                                    asio::use_awaitable);
     } else {
       loader(load);
     }

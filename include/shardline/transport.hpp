@@ -48,6 +48,7 @@ concept transport_connection =
 
 /// A receiver endpoint: memory its peer may write, exposed by name.
 ///
+/// - `get_executor()`: where its completions run (the rollout's io_context).
 /// - `allocate(bytes)`: an arena the peer may write into (mapped or registered once).
 /// - `expose(name, bytes)`: names a sub-range of an allocated arena in the region table.
 /// - `async_wait_notification(token)`: completes with void(std::error_code, std::uint32_t)
@@ -55,6 +56,7 @@ concept transport_connection =
 template <class R>
 concept transport_receiver =
     requires(R& r, const R& cr, std::span<std::byte> bytes, std::size_t n) {
+      r.get_executor();
       { r.allocate(n) } -> std::same_as<std::span<std::byte>>;
       r.expose(std::string{}, bytes);
       { cr.regions() } -> std::same_as<const region_table&>;

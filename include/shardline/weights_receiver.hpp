@@ -71,7 +71,7 @@ public:
   template <class Token>
   auto async_wait_commit(Token&& token) {
     return asio::async_compose<Token, void(std::error_code, std::uint32_t)>(
-        commit_op{this}, token);
+        commit_op{this}, token, endpoint_.get_executor());
   }
 
 private:

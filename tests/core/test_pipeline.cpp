@@ -74,6 +74,15 @@ std::vector<std::byte> expected(const sl::transfer_plan& plan, std::size_t r,
   return mine;
 }
 
+// Runs handlers until `done()`; fails instead of hanging when nothing happens for 20 s.
+template <class Predicate>
+void run_until(asio::io_context& io, Predicate done) {
+  while (!done()) {
+    if (io.stopped()) io.restart();
+    if (io.run_one_for(20s) == 0 && !done()) FAIL("no progress for 20 s or no work left");
+  }
+}
+
 template <class Future>
 auto drive(asio::io_context& io, Future& f) {
   while (f.wait_for(0s) != std::future_status::ready) {
@@ -126,7 +135,9 @@ struct cluster {
         bool all = true;
         for (const auto& p : weights[r]->parameters()) {
           auto got = weights[r]->parameter(p.name);
-          all &= std::memcmp(got.data(), expected(plan, r, p, v).data(), got.size()) == 0;
+          const bool same = std::memcmp(got.data(), expected(plan, r, p, v).data(), got.size()) == 0;
+          if (!same) MESSAGE("at commit " << v << ": receiver " << r << " parameter " << p.name << " not in place");
+          all = all && same;
         }
         complete_when_seen[r] = all;
       });
@@ -237,8 +248,7 @@ TEST_CASE("pipeline: works with a callback and with deferred, and runs versions 
     CHECK(!e);
     done = r.version;
   });
-  while (!done && c.io.run_one_for(20s)) {
-  }
+  run_until(c.io, [&done] { return done.has_value(); });
   CHECK(done == std::optional<std::uint32_t>(1));
   c.check_all(1);
 
@@ -248,8 +258,7 @@ TEST_CASE("pipeline: works with a callback and with deferred, and runs versions 
     CHECK(!e);
     deferred_done = r.version;
   });
-  while (!deferred_done && c.io.run_one_for(20s)) {
-  }
+  run_until(c.io, [&deferred_done] { return deferred_done.has_value(); });
   CHECK(deferred_done == std::optional<std::uint32_t>(2));
   c.check_all(2);
 }
@@ -367,8 +376,9 @@ TEST_CASE("pipeline: a receiver without a planned parameter or with another size
   sl::loopback_transport::receiver missing(c.io.get_executor());
   sl::weights_receiver<sl::loopback_transport::receiver> w1(missing, params);
   auto conn1 = c.transport.connect(missing);
+  const std::string quoted = "'" + victim + "'";
   CHECK_THROWS_WITH_AS(pipeline_type(c.transport, plan, {&conn1}),
-                       doctest::Contains("'" + victim + "'"), sl::error);
+                       doctest::Contains(quoted.c_str()), sl::error);
   try {
     pipeline_type p(c.transport, plan, {&conn1});
   } catch (const sl::error& e) {
