@@ -78,17 +78,22 @@ struct model_config {
 
 /// The value of element `i` of a tensor in weight version `version`: what the trainer
 /// holds in float32 and what the receiver must find, converted, after the update.
-inline float master_value(const std::string& tensor, std::uint32_t version, std::uint64_t i) {
+inline std::uint64_t tensor_seed(const std::string& tensor, std::uint32_t version) {
   std::uint64_t h = 1469598103934665603ull ^ version;
   for (unsigned char c : tensor) h = (h ^ c) * 1099511628211ull;
-  std::uint64_t x = h + i * 0x9E3779B97F4A7C15ull;
+  return h;
+}
+
+inline float master_value(std::uint64_t seed, std::uint64_t i) {
+  std::uint64_t x = seed + i * 0x9E3779B97F4A7C15ull;
   x = (x ^ (x >> 31)) * 0xBF58476D1CE4E5B9ull;
   x ^= x >> 29;
   return (static_cast<float>(x >> 40) / static_cast<float>(1 << 24) - 0.5f) * 0.04f;
 }
 
 inline void fill_master(const std::string& tensor, std::uint32_t version, std::span<float> out) {
-  for (std::uint64_t i = 0; i < out.size(); ++i) out[i] = master_value(tensor, version, i);
+  const std::uint64_t seed = tensor_seed(tensor, version);
+  for (std::uint64_t i = 0; i < out.size(); ++i) out[i] = master_value(seed, i);
 }
 
 /// A 64-bit checksum over whole words (FNV-style mix), fast enough for GiBs.

@@ -32,6 +32,7 @@
 #include <span>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 #include <unordered_map>
 #include <vector>
@@ -98,10 +99,20 @@ struct update_report {
     for (const auto& b : buckets) d += b.load_time();
     return d;
   }
+  /// Time the transport was busy: the union of the buckets' transfer intervals (they
+  /// overlap when several buckets are in flight, so a plain sum would count twice).
   clock::duration total_transfer() const {
-    clock::duration d{};
-    for (const auto& b : buckets) d += b.transfer_time();
-    return d;
+    std::vector<std::pair<clock::time_point, clock::time_point>> spans;
+    for (const auto& b : buckets) spans.emplace_back(b.transfer_start, b.transfer_end);
+    std::sort(spans.begin(), spans.end());
+    clock::duration busy{};
+    clock::time_point covered{};
+    for (const auto& [from, to] : spans) {
+      const auto start = std::max(from, covered);
+      if (to > start) busy += to - start;
+      covered = std::max(covered, to);
+    }
+    return busy;
   }
   /// The best a pipeline can do: max(sum of loads, sum of transfers) + the first load.
   clock::duration ideal() const {
