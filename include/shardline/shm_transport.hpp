@@ -682,6 +682,7 @@ private:
     std::vector<detail::unique_fd> fds;
     std::vector<std::byte> payload;
     bool timed_out = false;
+    bool cancelled = false;
   };
 
   template <class Handler>
@@ -698,7 +699,9 @@ private:
 
     void operator()(std::error_code ec = {}, std::size_t = 0) {
       auto& st = *c;
-      if (ec && st.timed_out) ec = std::error_code(ETIMEDOUT, std::system_category());
+      // The socket was closed under us: say why, whatever the failing call reported.
+      if (st.cancelled) ec = asio::error::operation_aborted;
+      else if (st.timed_out && (ec || stage == 2)) ec = std::error_code(ETIMEDOUT, std::system_category());
       switch (stage) {
         case 0: {
           if (auto e = path_error(st.path)) return finish(e);
@@ -706,6 +709,7 @@ private:
           if (slot.is_connected())
             slot.assign([p = c.get()](asio::cancellation_type) {
               std::error_code ignored;
+              p->cancelled = true;
               p->socket.close(ignored);
               p->timer.cancel();
             });

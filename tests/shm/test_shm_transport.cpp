@@ -414,6 +414,43 @@ TEST_CASE("shm_transport: connecting to a missing or dead socket fails at once, 
     sl::shm_transport::receiver mute(io.get_executor(), socket_path("mute"));
     CHECK(attempt(socket_path("mute")) == std::errc::timed_out);
   }
+  SUBCASE("a connect cancelled through its slot completes with operation_aborted") {
+    sl::shm_transport::receiver mute(io.get_executor(), socket_path("mute2"));
+    asio::cancellation_signal signal;
+    std::optional<std::error_code> result;
+    t.async_connect(socket_path("mute2"),
+                    asio::bind_cancellation_slot(signal.slot(), [&](std::error_code ec, sl::shm_transport::connection) {
+                      result = ec;
+                    }));
+    io.restart();
+    io.poll();  // connected to the backlog, waiting for the handshake
+    signal.emit(asio::cancellation_type::terminal);
+    REQUIRE(run_until(io, [&] { return result.has_value(); }));
+    CHECK(*result == asio::error::operation_aborted);
+  }
+}
+
+TEST_CASE("shm_transport: async_accept is cancellable and fails after close()") {
+  asio::io_context io;
+  sl::shm_transport::receiver r(io.get_executor(), socket_path("accept"));
+  asio::cancellation_signal signal;
+  std::optional<std::error_code> result;
+  r.async_accept(asio::bind_cancellation_slot(signal.slot(), [&](std::error_code ec) { result = ec; }));
+  io.poll();
+  CHECK_FALSE(result.has_value());
+  signal.emit(asio::cancellation_type::terminal);
+  REQUIRE(run_until(io, [&] { return result.has_value(); }));
+  CHECK(*result == asio::error::operation_aborted);
+  r.close();
+  result.reset();
+  r.async_accept([&](std::error_code ec) { result = ec; });
+  CHECK_FALSE(result.has_value());  // never inline
+  REQUIRE(run_until(io, [&] { return result.has_value(); }));
+  CHECK(*result == sl::errc::not_connected);
+  std::optional<std::error_code> waited;
+  r.async_wait_notification([&](std::error_code ec, std::uint32_t) { waited = ec; });
+  REQUIRE(run_until(io, [&] { return waited.has_value(); }));
+  CHECK(*waited == sl::errc::not_connected);
 }
 
 TEST_CASE("shm_transport: receiver errors name the region or socket path and the cause") {
