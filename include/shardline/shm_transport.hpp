@@ -24,6 +24,8 @@
 #include <asio/local/stream_protocol.hpp>
 #include <asio/post.hpp>
 #include <asio/read.hpp>
+#include <asio/recycling_allocator.hpp>
+#include <asio/associated_allocator.hpp>
 #include <asio/thread_pool.hpp>
 #include <asio/write.hpp>
 
@@ -234,6 +236,7 @@ class basic_shm_transport {
     };
     virtual ~write_op_base() = default;
     virtual void complete(std::error_code ec) = 0;
+    virtual void destroy() noexcept = 0;  // frees with the handler's allocator
 
     std::shared_ptr<connection_state> owner;  // keeps the mappings alive under the copies
     std::vector<piece> pieces;
@@ -247,12 +250,41 @@ class basic_shm_transport {
     std::array<std::byte, 4> notification{};
   };
 
+  struct op_deleter {
+    void operator()(write_op_base* op) const noexcept { op->destroy(); }
+  };
+  using op_ptr = std::unique_ptr<write_op_base, op_deleter>;
+
   template <class Handler>
   struct write_op final : write_op_base {
     using handler_executor = asio::associated_executor_t<Handler, Executor>;
-    write_op(Handler&& h, const Executor& io)
-        : io_executor(io), handler_work(asio::make_work_guard(asio::get_associated_executor(h, io))),
+    using allocator_type = typename std::allocator_traits<asio::associated_allocator_t<
+        Handler, asio::recycling_allocator<void>>>::template rebind_alloc<write_op>;
+    using allocator_traits = std::allocator_traits<allocator_type>;
+
+    // Allocated with the handler's associated allocator (Asio's recycling one by default);
+    // ops are created and destroyed on the io thread only.
+    static op_ptr create(Handler&& h, const Executor& io) {
+      allocator_type alloc(asio::get_associated_allocator(h, asio::recycling_allocator<void>()));
+      write_op* p = allocator_traits::allocate(alloc, 1);
+      try {
+        return op_ptr(new (p) write_op(std::move(h), io, alloc));
+      } catch (...) {
+        allocator_traits::deallocate(alloc, p, 1);
+        throw;
+      }
+    }
+
+    write_op(Handler&& h, const Executor& io, const allocator_type& a)
+        : alloc(a), io_executor(io),
+          handler_work(asio::make_work_guard(asio::get_associated_executor(h, io))),
           io_work(asio::make_work_guard(io)), handler(std::move(h)) {}
+
+    void destroy() noexcept override {
+      allocator_type a(alloc);
+      this->~write_op();
+      allocator_traits::deallocate(a, this, 1);
+    }
 
     void complete(std::error_code ec) override {
       auto slot = asio::get_associated_cancellation_slot(handler);
@@ -262,6 +294,7 @@ class basic_shm_transport {
       io_work.reset();
     }
 
+    allocator_type alloc;
     Executor io_executor;
     decltype(asio::make_work_guard(std::declval<handler_executor&>())) handler_work;
     decltype(asio::make_work_guard(std::declval<Executor&>())) io_work;
@@ -284,7 +317,7 @@ class basic_shm_transport {
     socket_type socket;
     region_table table;
     std::vector<arena> arenas;
-    std::deque<std::unique_ptr<write_op_base>> queue;  // front runs, the rest wait
+    std::deque<op_ptr> queue;  // front runs, the rest wait
     link_status status = link_status::open;
     std::uint64_t next_id = 0;
     std::array<std::byte, 64> scratch{};
@@ -368,7 +401,7 @@ class basic_shm_transport {
     else if (why == link_status::closed) s->status = why;
     std::error_code ignored;
     s->socket.close(ignored);
-    std::vector<std::unique_ptr<write_op_base>> waiting;
+    std::vector<op_ptr> waiting;
     while (!s->queue.empty() && !s->queue.back()->started) {
       waiting.push_back(std::move(s->queue.back()));
       s->queue.pop_back();
@@ -629,13 +662,13 @@ public:
                                       make_error_code(gone ? errc::peer_disconnected : errc::not_connected));
               return;
             }
-            auto op = std::make_unique<write_op<decltype(handler)>>(std::move(handler), ex);
+            auto slot = asio::get_associated_cancellation_slot(handler);
+            auto op = write_op<decltype(handler)>::create(std::move(handler), ex);
             if (auto ec = s->translate(batch, *op)) return op->complete(ec);
             op->owner = s;
             op->notify = notify;
             for (int i = 0; i < 4; ++i) op->notification[i] = std::byte((value >> (8 * i)) & 0xff);
             op->id = ++s->next_id;
-            auto slot = asio::get_associated_cancellation_slot(op->handler);
             if (slot.is_connected())
               // Posted, not run here: the op must not be destroyed inside its own slot.
               slot.assign([p = s.get(), id = op->id](asio::cancellation_type) {
