@@ -20,9 +20,14 @@ struct model_config {
   std::int64_t layers = 10;
   std::int64_t experts = 0;  // > 0: MoE MLP with this many experts of intermediate/4 each
 
-  /// Layers chosen so the bf16 model is close to `bytes`.
+  /// The default shape, with its layer count chosen so the bf16 model is close to `bytes`.
   static model_config of_size(std::uint64_t bytes, std::int64_t experts = 0) {
-    model_config c;
+    return of_size(bytes, experts, model_config{});
+  }
+
+  /// `base` with its layer count chosen so the bf16 model is close to `bytes`.
+  static model_config of_size(std::uint64_t bytes, std::int64_t experts, model_config base) {
+    model_config c = base;
     c.experts = experts;
     c.layers = 1;
     const std::uint64_t fixed = c.total_bytes() - c.layer_bytes();

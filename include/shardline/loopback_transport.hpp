@@ -12,6 +12,7 @@
 #include <asio/experimental/channel.hpp>
 #include <asio/steady_timer.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -132,6 +133,11 @@ public:
       delay_ = delay;
     }
 
+    /// Models a serial link of `bytes_per_second` that costs no CPU, as a NIC's DMA engine:
+    /// each batch occupies the link for its bytes / rate after the batches before it, and
+    /// lands (is copied) when its turn ends. 0 turns the model off.
+    void set_wire_rate(double bytes_per_second) noexcept { wire_rate_ = bytes_per_second; }
+
   private:
     friend class basic_loopback_transport;
     connection(const executor_type& ex, std::shared_ptr<receiver_state> peer)
@@ -153,6 +159,17 @@ public:
       return {};
     }
 
+    std::chrono::steady_clock::time_point landing_time(std::span<const write_request> batch) {
+      const auto now = std::chrono::steady_clock::now();
+      if (wire_rate_ <= 0) return now + delay_;
+      double bytes = 0;
+      for (const auto& w : batch) bytes += static_cast<double>(w.source.size());
+      wire_free_ = std::max(wire_free_, now) + delay_ +
+                   std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                       std::chrono::duration<double>(bytes / wire_rate_));
+      return wire_free_;
+    }
+
     template <class Token>
     auto async_write_notify_impl(std::span<const write_request> batch, bool notify,
                                  std::uint32_t value, Token&& token) {
@@ -163,12 +180,12 @@ public:
                                       make_error_code(errc::not_connected));
               return;
             }
-            if (delay_ == std::chrono::steady_clock::duration::zero()) {
+            if (delay_ == std::chrono::steady_clock::duration::zero() && wire_rate_ <= 0) {
               detail::post_completion(executor_, std::move(handler),
                                       copy(*peer_, batch, notify, value));
               return;
             }
-            auto timer = std::make_unique<asio::steady_timer>(executor_, delay_);
+            auto timer = std::make_unique<asio::steady_timer>(executor_, landing_time(batch));
             auto& t = *timer;
             t.async_wait([executor = executor_, peer = peer_, handler = std::move(handler),
                           timer = std::move(timer),
@@ -186,6 +203,8 @@ public:
     region_table table_;
     bool open_ = true;
     std::chrono::steady_clock::duration delay_{};
+    double wire_rate_ = 0;
+    std::chrono::steady_clock::time_point wire_free_{};
   };
 
   /// Connects to a receiver of this process; its region table is copied now.

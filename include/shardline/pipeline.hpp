@@ -22,6 +22,7 @@
 #include <asio/use_awaitable.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -210,6 +211,7 @@ private:
     bool aborting = false;
     std::list<asio::cancellation_signal> write_signals;
     asio::cancellation_signal loader_signal;
+    std::atomic<bool> stop_loading{false};  // read by the loader thread
     asio::cancellation_state cancel_state;
     std::vector<bucket_state> buckets;
     update_report report;
@@ -262,33 +264,24 @@ private:
     slots_.cancel();
     for (auto& s : st.write_signals) s.emit(asio::cancellation_type::terminal);
     st.loader_signal.emit(asio::cancellation_type::terminal);
+    st.stop_loading.store(true, std::memory_order_relaxed);
   }
 
   // An asynchronous loader runs as a task of its own, so that abort() can cancel it even
   // when the failure that aborts comes from elsewhere (a barrier timeout, a write).
   template <class Loader>
   asio::awaitable<void> load_one(update_state& st, Loader& loader, const shard_load& load) {
-    if constexpr (std::is_same_v<std::invoke_result_t<Loader&, const shard_load&>,
-                                 asio::awaitable<void>>) {
-      detail::wait_group running(executor_);
-      std::exception_ptr failure;
-      running.add();
-      auto on_loaded = [&running, &failure](std::exception_ptr e) {
-        failure = e;
-        running.done();
-      };
-      asio::co_spawn(executor_, loader(load),
-                     asio::bind_cancellation_slot(st.loader_signal.slot(), std::move(on_loaded)));
-      co_await wait_for(st, running);
-      if (failure) std::rethrow_exception(failure);
-    } else if (loader_pool_) {
-      auto call = [&loader, &load] { loader(load); };
-      // use_awaitable rethrows the loader's exception, if any.
-      co_await detail::async_run_on(loader_pool_->get_executor(), executor_, call,
-                                    asio::use_awaitable);
-    } else {
-      loader(load);
-    }
+    detail::wait_group running(executor_);
+    std::exception_ptr failure;
+    running.add();
+    auto on_loaded = [&running, &failure](std::exception_ptr e) {
+      failure = e;
+      running.done();
+    };
+    asio::co_spawn(executor_, loader(load),
+                   asio::bind_cancellation_slot(st.loader_signal.slot(), std::move(on_loaded)));
+    co_await wait_for(st, running);
+    if (failure) std::rethrow_exception(failure);
   }
 
   // Waits for `group` to drain. A cancellation of the update while waiting starts the
@@ -388,43 +381,92 @@ private:
     return "update of version " + std::to_string(version) + " cancelled";
   }
 
+  static shard_load make_load(const planned_parameter& p, const shard_source& shard,
+                              std::span<std::byte> staging, std::uint32_t version) {
+    return {shard.tensor, p.parameter.destination, shard.index,
+            staging.subspan(p.staging_offset + shard.offset, shard.tensor.bytes()), version};
+  }
+
+  static error loader_error(const planned_parameter& p, const shard_source& shard,
+                            std::exception_ptr failure) {
+    return error(make_error_code(errc::loader_failed),
+                 "parameter '" + p.parameter.destination.name + "': loader failed on shard " +
+                     std::to_string(shard.index) + " ('" + shard.tensor.name +
+                     "'): " + describe(failure));
+  }
+
+  // Runs on the io_context for every loaded shard, whichever thread loaded it.
+  void shard_loaded(update_state& st, const planned_parameter& p, const shard_source& shard,
+                    clock::time_point started, clock::time_point ended) {
+    tracer_.span(trace_track::loader, "load", shard.tensor.name, started, ended);
+    if (st.aborting) return;
+    std::error_code ec;
+    barrier_.arrive(p.parameter.destination.name, shard.index, ec);
+    if (ec)
+      fail(st, ec, "parameter '" + p.parameter.destination.name + "': shard " +
+                       std::to_string(shard.index) + ": " + ec.message());
+  }
+
   template <class Loader>
   asio::awaitable<void> load_bucket(update_state& st, Loader& loader, const bucket& bk,
                                     std::size_t slot) {
     const std::span<std::byte> staging = slot_span(slot);
+    constexpr bool asynchronous =
+        std::is_same_v<std::invoke_result_t<Loader&, const shard_load&>, asio::awaitable<void>>;
+    if constexpr (!asynchronous) {
+      if (loader_pool_) {
+        // The whole bucket in one trip to the loader thread, which keeps loading while the
+        // io_context handles each shard's arrival: no round trip per shard.
+        const std::uint32_t version = st.version;
+        auto load_all = [this, &st, &loader, &bk, staging, version] {
+          for (const auto& p : bk.parameters)
+            for (const auto& shard : p.parameter.shards) {
+              if (st.stop_loading.load(std::memory_order_relaxed)) return;
+              const auto started = clock::now();
+              try {
+                loader(make_load(p, shard, staging, version));
+              } catch (...) {
+                throw loader_error(p, shard, std::current_exception());
+              }
+              asio::post(executor_, [this, &st, &p, &shard, started, ended = clock::now()] {
+                shard_loaded(st, p, shard, started, ended);
+              });
+            }
+        };
+        try {
+          co_await detail::async_run_on(loader_pool_->get_executor(), executor_, load_all,
+                                        asio::use_awaitable);
+        } catch (...) {
+          fail(st, std::current_exception());
+        }
+        if (cancelled(st.cancel_state))
+          fail(st, asio::error::operation_aborted, cancel_message(st.version));
+        co_return;
+      }
+    }
     for (const auto& p : bk.parameters) {
-      const auto& dest = p.parameter.destination;
       for (const auto& shard : p.parameter.shards) {
         if (st.aborting) co_return;
-        const shard_load load{shard.tensor, dest, shard.index,
-                              staging.subspan(p.staging_offset + shard.offset, shard.tensor.bytes()),
-                              st.version};
+        const shard_load load = make_load(p, shard, staging, st.version);
         const auto started = clock::now();
         std::exception_ptr failure;
         try {
-          co_await load_one(st, loader, load);
+          if constexpr (asynchronous)
+            co_await load_one(st, loader, load);
+          else
+            loader(load);
         } catch (...) {
           failure = std::current_exception();
         }
-        tracer_.span(trace_track::loader, "load", shard.tensor.name, started, clock::now());
         if (failure) {
-          fail(st, make_error_code(errc::loader_failed),
-               "parameter '" + dest.name + "': loader failed on shard " +
-                   std::to_string(shard.index) + " ('" + shard.tensor.name +
-                   "'): " + describe(failure));
+          fail(st, std::make_exception_ptr(loader_error(p, shard, failure)));
           co_return;
         }
         if (cancelled(st.cancel_state)) {
           fail(st, asio::error::operation_aborted, cancel_message(st.version));
           co_return;
         }
-        std::error_code ec;
-        barrier_.arrive(dest.name, shard.index, ec);
-        if (ec) {
-          fail(st, ec, "parameter '" + dest.name + "': shard " + std::to_string(shard.index) +
-                           ": " + ec.message());
-          co_return;
-        }
+        shard_loaded(st, p, shard, started, clock::now());
       }
     }
   }
