@@ -1,11 +1,13 @@
 // shm_bandwidth: throughput of the shm transport into a forked receiver process, against a
 // single-threaded std::memcpy of the same bytes between two buffers of this process.
 //
-//   bench_shm_bandwidth [--bytes N] [--write-bytes N] [--repetitions N] [--threads N] [--json]
+//   bench_shm_bandwidth [--bytes N] [--write-bytes N] [--repetitions N] [--threads N]
+//                       [--chunk-bytes N] [--json]
 //
 // Sizes take K/M/G suffixes (binary). Every page of every buffer (the receiver's arena, the
 // sender's mapping of it, the source and both memcpy buffers) is faulted in before timing,
-// and each side gets one untimed pass; the figure is the median over the repetitions.
+// and each side gets one untimed pass; then the two alternate, pass for pass, so that a
+// busy host slows both alike. The figures are medians over the repetitions.
 #include <shardline/shm_transport.hpp>
 
 #include <asio/io_context.hpp>
@@ -35,6 +37,7 @@ struct options {
   std::size_t write_bytes = std::size_t(64) << 20;
   int repetitions = 5;
   std::size_t threads = 2;
+  std::size_t chunk_bytes = shardline::shm_options{}.chunk_bytes;
   bool json = false;
 };
 
@@ -127,12 +130,13 @@ int main(int argc, char** argv) {
       else if (a == "--bytes" && i + 1 < argc) o.bytes = parse_bytes(argv[++i]);
       else if (a == "--write-bytes" && i + 1 < argc) o.write_bytes = parse_bytes(argv[++i]);
       else if (a == "--repetitions" && i + 1 < argc) o.repetitions = std::max(1, std::atoi(argv[++i]));
+      else if (a == "--chunk-bytes" && i + 1 < argc) o.chunk_bytes = parse_bytes(argv[++i]);
       else if (a == "--threads" && i + 1 < argc) o.threads = std::max(1, std::atoi(argv[++i]));
       else throw std::invalid_argument("unknown argument '" + a + "'");
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_shm_bandwidth: %s\nusage: bench_shm_bandwidth [--bytes N] "
-                         "[--write-bytes N] [--repetitions N] [--threads N] [--json]\n", e.what());
+                         "[--write-bytes N] [--repetitions N] [--threads N] [--chunk-bytes N] [--json]\n", e.what());
     return 2;
   }
   o.write_bytes = std::min(o.write_bytes, o.bytes);
@@ -154,6 +158,7 @@ int main(int argc, char** argv) {
     asio::io_context io;
     sl::shm_options so;
     so.copy_threads = o.threads;
+    so.chunk_bytes = o.chunk_bytes;
     sl::shm_transport transport(io.get_executor(), so);
     std::optional<sl::shm_transport::connection> conn;
     for (int attempt = 0; !conn; ++attempt) {
@@ -172,19 +177,23 @@ int main(int argc, char** argv) {
     for (std::size_t off = 0; off < o.bytes; off += o.write_bytes)
       writes.push_back({sl::make_write(reg.region(), std::span(src).subspan(off, std::min(o.write_bytes, o.bytes - off)), w, off)});
 
-    shm_pass(io, *conn, writes);  // untimed: first touches through this mapping
-    for (int r = 0; r < o.repetitions; ++r) shm_s.push_back(shm_pass(io, *conn, writes));
+    std::vector<std::byte> dst(o.bytes);
+    touch(dst, std::byte{1});
+
+    // One untimed pass each, then alternate, so that both see the same load of the host.
+    shm_pass(io, *conn, writes);
+    memcpy_pass(dst.data(), src.data(), o);
+    for (int r = 0; r < o.repetitions; ++r) {
+      shm_s.push_back(shm_pass(io, *conn, writes));
+      memcpy_s.push_back(memcpy_pass(dst.data(), src.data(), o));
+    }
+    if (std::memcmp(dst.data(), src.data(), o.bytes) != 0) throw std::runtime_error("memcpy baseline differs");
 
     std::optional<std::error_code> notified;  // the receiver then checks every byte
     conn->async_write_notify({}, 1, [&](std::error_code ec) { notified = ec; });
     while (!notified) io.run_one();
     if (*notified) throw sl::error(*notified, "shm_bandwidth: final notification");
 
-    std::vector<std::byte> dst(o.bytes);
-    touch(dst, std::byte{1});
-    memcpy_pass(dst.data(), src.data(), o);  // untimed
-    for (int r = 0; r < o.repetitions; ++r) memcpy_s.push_back(memcpy_pass(dst.data(), src.data(), o));
-    if (std::memcmp(dst.data(), src.data(), o.bytes) != 0) throw std::runtime_error("memcpy baseline differs");
 
     conn->close();
   } catch (const std::exception& e) {
@@ -207,9 +216,9 @@ int main(int argc, char** argv) {
                 "\"ratio\":%.4f}\n", shm, base, shm / base);
     return 0;
   }
-  std::printf("shm_bandwidth: %.0f MiB as %zu writes of %.0f MiB, %zu copy thread(s), median of %d\n",
-              o.bytes / 1048576.0, (o.bytes + o.write_bytes - 1) / o.write_bytes,
-              o.write_bytes / 1048576.0, o.threads, o.repetitions);
+  std::printf("shm_bandwidth: %.0f MiB as %zu writes of %.0f MiB, %zu copy thread(s), %.1f MiB "
+              "chunks, median of %d\n", o.bytes / 1048576.0, (o.bytes + o.write_bytes - 1) / o.write_bytes,
+              o.write_bytes / 1048576.0, o.threads, o.chunk_bytes / 1048576.0, o.repetitions);
   std::printf("  %-34s %10s %10s\n", "path", "GB/s", "ms");
   std::printf("  %-34s %10.2f %10.1f\n", "shm transport -> receiver process", shm, median(shm_s) * 1e3);
   std::printf("  %-34s %10.2f %10.1f\n", "memcpy, one thread, same process", base, median(memcpy_s) * 1e3);
