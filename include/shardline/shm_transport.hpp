@@ -91,7 +91,8 @@ inline std::error_code shm_system_error(std::error_code ec) noexcept {
 ///
 /// Thread safety: distinct objects safe; shared objects unsafe. The transport, its
 /// connections and receivers must be used from the thread (or strand) of their executor;
-/// only the memcpy runs elsewhere, on the transport's own worker threads.
+/// only the memcpy runs elsewhere, on the transport's own worker threads (a thread_pool of
+/// options.copy_threads), which live as long as the transport or any of its connections.
 template <class Executor = asio::any_io_executor>
 class basic_shm_transport {
   using socket_type = asio::basic_stream_socket<asio::local::stream_protocol, Executor>;
@@ -619,10 +620,12 @@ public:
 
     bool is_open() const noexcept { return state_ && state_->status == link_status::open; }
 
-    /// Completion void(std::error_code). Every request lands (copied by the worker threads,
-    /// split into chunk_bytes pieces) or none does: a request outside every exposed region
-    /// fails the batch with errc::region_not_exposed before any byte moves. Batches run one
-    /// after another, in initiation order. Per-operation cancellation (any type): a batch
+    /// Completion void(std::error_code), once every request landed (copied by the worker
+    /// threads, split into chunk_bytes pieces). The whole batch is validated first: a request
+    /// outside every exposed region fails it with errc::region_not_exposed before any byte
+    /// moves. A batch cut short by close() or a disconnect stops after the pieces being
+    /// copied, so it may have landed in part. Batches run one after another, in initiation
+    /// order. Per-operation cancellation (any type): a batch
     /// whose copies have not started completes with operation_aborted; one already copying
     /// finishes. The receiver gone: errc::peer_disconnected; close(): operation_aborted,
     /// later errc::not_connected.
@@ -689,7 +692,8 @@ public:
   /// system error of connect (e.g. no_such_file_or_directory, connection_refused),
   /// std::errc::timed_out after options.connect_timeout, errc::protocol_error for a
   /// malformed handshake, errc::invalid_argument for a path too long for a Unix socket.
-  /// Cancellable (any type) through the handler's cancellation slot.
+  /// Cancellable (any type) through the handler's cancellation slot. The arenas are mapped
+  /// with MAP_POPULATE, so the page-table cost is paid here rather than in the first writes.
   template <class Token>
   auto async_connect(std::string socket_path, Token&& token) {
     return asio::async_initiate<Token, void(std::error_code, connection)>(
