@@ -1,0 +1,44 @@
+// shardline/verbs/memory_region.hpp: a registered memory region that keeps its device alive.
+#pragma once
+
+#include <shardline/error.hpp>
+#include <shardline/memory.hpp>
+#include <shardline/verbs/detail/handles.hpp>
+#include <shardline/verbs/device.hpp>
+
+#include <cerrno>
+#include <memory>
+#include <span>
+#include <string>
+#include <system_error>
+
+namespace shardline::verbs {
+
+/// An ibv_mr over exactly `bytes`, with exactly `access` (0: local read only, enough
+/// for the source of an RDMA WRITE).
+class memory_region {
+public:
+  memory_region() = default;
+  memory_region(std::shared_ptr<device> dev, std::span<std::byte> bytes, int access)
+      : device_(std::move(dev)) {
+    mr_.reset(ibv_reg_mr(device_->pd(), bytes.data(), bytes.size(), access));
+    if (!mr_)
+      throw error(std::error_code(errno, std::system_category()),
+                  "verbs: ibv_reg_mr of " + std::to_string(bytes.size()) + " bytes on " +
+                      device_->name() + " failed");
+    bytes_ = bytes;
+  }
+
+  std::span<std::byte> bytes() const noexcept { return bytes_; }
+  std::uint32_t lkey() const noexcept { return mr_ ? mr_->lkey : 0; }
+  std::uint32_t rkey() const noexcept { return mr_ ? mr_->rkey : 0; }
+  explicit operator bool() const noexcept { return static_cast<bool>(mr_); }
+  local_region region() const noexcept { return {bytes_.data(), bytes_.size(), lkey()}; }
+
+private:
+  std::shared_ptr<device> device_;  // before mr_: destroyed after it
+  detail::mr_handle mr_;
+  std::span<std::byte> bytes_;
+};
+
+}  // namespace shardline::verbs

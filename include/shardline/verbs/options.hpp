@@ -1,0 +1,38 @@
+// shardline/verbs/options.hpp: how the verbs transport is tuned.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace shardline::verbs {
+
+/// How the completion queue is polled, chosen at compile time.
+/// - event: sleep on the completion channel's fd (Asio's reactor), drain, re-arm, drain.
+/// - busy: while operations are outstanding, poll again through asio::post (never sleeps
+///   while work is pending; costs a core while busy).
+/// - adaptive: poll through asio::post for a bounded number of empty polls while work is
+///   outstanding, then arm the channel and sleep on its fd.
+/// Every mode runs a fallback poll timer while work is outstanding.
+enum class poll_mode { event, busy, adaptive };
+
+struct options {
+  std::string device;               ///< empty: the first device whose `port` is active
+  std::uint8_t port = 1;
+  int gid_index = -1;               ///< -1: the RoCE v2 GID holding an IPv4-mapped address
+  std::size_t queue_pairs = 2;      ///< per peer; writes are striped across them
+  std::uint32_t max_send_wr = 256;  ///< per QP; also the receiver's posted receives per QP
+  std::uint32_t cq_entries = 1024;  ///< per connection; every posted WR reserves one entry
+  std::uint32_t signal_every = 16;  ///< selective signalling interval
+  std::size_t max_wr_per_post = 64; ///< WRs per ibv_post_send chain (and per QP per loop turn)
+  std::size_t max_write_bytes = 0;  ///< 0: the port's max_msg_sz; smaller splits writes further
+  std::uint8_t timeout = 14;        ///< local ACK timeout exponent (4.096 us * 2^timeout)
+  std::uint8_t retry_count = 3;     ///< a dead peer surfaces after about (retry_count+1) timeouts
+  std::uint8_t rnr_retry = 3;
+  unsigned spin_polls = 64;         ///< adaptive mode: empty polls before sleeping on the fd
+  std::chrono::milliseconds fallback_poll{50};  ///< a missed CQ event cannot hang an update
+  std::chrono::milliseconds connect_timeout{10000};
+};
+
+}  // namespace shardline::verbs
