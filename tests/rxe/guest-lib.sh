@@ -24,8 +24,8 @@ missing() {
 # both on rxe0 with the looked-up GID. The client retries while the server is not yet listening
 # (under emulation the server can take seconds to start). perftest converts TSC cycles to time
 # with a CPU frequency it measures itself; under emulation that measurement sometimes fails
-# ("Correlation coefficient r^2 < 0.9") and the run reports 0: such a run is repeated, twice
-# at most, and a run that still reports 0 fails.
+# ("Correlation coefficient r^2 < 0.9"; the figures are then 0 or on a wrong scale): such a
+# run is repeated, twice at most, and fails if it still has no trustworthy figure.
 perftest() {
   _name=$1 _tool=$2
   shift 2
@@ -35,10 +35,14 @@ perftest() {
     perftest_once "$@"
     _metric=$(perftest_metric "$_name")
     [ $_rc -ne 0 ] && break
-    case "$_metric" in
-      "RXE-METRIC $_name 0.00 "*|"") _rc=3 ;;
-      *) break ;;
-    esac
+    if grep -q "Correlation coefficient" "/tmp/$_name.client"; then
+      _rc=3
+    else
+      case "$_metric" in
+        "RXE-METRIC $_name 0.00 "*|"") _rc=3 ;;
+        *) break ;;
+      esac
+    fi
     [ $_attempt -ge 3 ] && break
     echo "--- $_name: no valid figure (perftest's clock calibration failed?), running it again"
     _attempt=$((_attempt + 1))
