@@ -5,6 +5,8 @@
 #include <shardline/error.hpp>
 
 #include <asio/any_io_executor.hpp>
+#include <asio/cancellation_type.hpp>
+#include <asio/cancellation_state.hpp>
 #include <asio/compose.hpp>
 #include <asio/error.hpp>
 #include <asio/post.hpp>
@@ -13,6 +15,7 @@
 #include <cstddef>
 #include <list>
 #include <memory>
+#include <string>
 
 namespace shardline {
 
@@ -51,7 +54,7 @@ public:
   /// Takes `operations` and `bytes` of capacity, waiting in line until they are free.
   /// Completion signature void(std::error_code), never invoked from inside this call:
   /// errc::request_too_large when the request exceeds the whole capacity (it could never
-  /// be granted); asio::error::operation_aborted on cancel(), destruction or per-operation
+  /// be granted; describe_request() gives the message); asio::error::operation_aborted on cancel(), destruction or per-operation
   /// cancellation (any type): nothing is taken then.
   template <class Token>
   auto async_acquire(std::size_t operations, std::size_t bytes, Token&& token) {
@@ -92,6 +95,22 @@ public:
     queue_.clear();
   }
 
+  /// True when a request could never be granted (errc::request_too_large).
+  bool too_large(std::size_t operations, std::size_t bytes) const noexcept {
+    return operations > limits_.max_operations || bytes > limits_.max_bytes;
+  }
+
+  /// The message for errc::request_too_large, naming the limit the request exceeds, e.g.
+  /// "request of 1 operations, 2048 bytes exceeds max_bytes = 1024".
+  std::string describe_request(std::size_t operations, std::size_t bytes) const {
+    std::string s = "request of " + std::to_string(operations) + " operations, " +
+                    std::to_string(bytes) + " bytes ";
+    if (operations > limits_.max_operations)
+      return s + "exceeds max_operations = " + std::to_string(limits_.max_operations);
+    if (bytes > limits_.max_bytes) return s + "exceeds max_bytes = " + std::to_string(limits_.max_bytes);
+    return s + "fits the limits";
+  }
+
   std::size_t operations_in_use() const noexcept { return operations_; }
   std::size_t bytes_in_use() const noexcept { return bytes_; }
   std::size_t waiting() const noexcept { return queue_.size(); }
@@ -113,9 +132,11 @@ private:
     void operator()(Self& op, std::error_code ec = {}) {
       switch (step) {
         case start:
-          if (operations > self->limits_.max_operations || bytes > self->limits_.max_bytes) {
+          if (self->too_large(operations, bytes)) {
             result = make_error_code(errc::request_too_large);
           } else if (!self->try_acquire(operations, bytes)) {
+            // Leaving the line takes nothing, so every cancellation type is safe to honour.
+            op.reset_cancellation_state(asio::enable_total_cancellation());
             queued = std::make_unique<waiter>(self->executor_);
             queued->operations = operations;
             queued->bytes = bytes;

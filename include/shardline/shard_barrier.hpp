@@ -5,6 +5,8 @@
 #include <shardline/error.hpp>
 
 #include <asio/any_io_executor.hpp>
+#include <asio/cancellation_type.hpp>
+#include <asio/cancellation_state.hpp>
 #include <asio/compose.hpp>
 #include <asio/error.hpp>
 #include <asio/post.hpp>
@@ -213,6 +215,9 @@ private:
           } else if (it->second.failure) {
             result = it->second.failure;
           } else if (!it->second.complete()) {
+            // The default filter passes terminal cancellation only; a wait is safe to
+            // abandon at any level, so let partial and total through to the timer too.
+            op.reset_cancellation_state(asio::enable_total_cancellation());
             sleeping = std::make_unique<waiter>(self->executor_);
             sleeping->timer.expires_after(timeout);
             it->second.waiters.push_back(sleeping.get());

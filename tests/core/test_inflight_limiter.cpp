@@ -10,6 +10,7 @@
 
 #include <doctest/doctest.h>
 
+#include <chrono>
 #include <optional>
 #include <vector>
 
@@ -62,6 +63,10 @@ TEST_CASE("inflight_limiter: a request bigger than the whole capacity fails, nev
   CHECK(a == std::optional<std::error_code>(sl::errc::request_too_large));
   CHECK(b == std::optional<std::error_code>(sl::errc::request_too_large));
   CHECK(limiter.bytes_in_use() == 0);
+  CHECK(limiter.too_large(1, 101));
+  CHECK(!limiter.too_large(4, 100));
+  CHECK(limiter.describe_request(1, 101) == "request of 1 operations, 101 bytes exceeds max_bytes = 100");
+  CHECK(limiter.describe_request(5, 1) == "request of 5 operations, 1 bytes exceeds max_operations = 4");
 }
 
 TEST_CASE("inflight_limiter: cancellation takes nothing and lets the line move on") {
@@ -108,4 +113,37 @@ TEST_CASE("inflight_limiter: works with use_future, deferred and use_awaitable")
   CHECK_NOTHROW(awaited.get());
   CHECK(limiter.operations_in_use() == 3);
   CHECK(limiter.bytes_in_use() == 30);
+}
+
+TEST_CASE("inflight_limiter: partial and total cancellation leave the line too") {
+  for (auto type : {asio::cancellation_type::partial, asio::cancellation_type::total}) {
+    asio::io_context io;
+    sl::inflight_limiter limiter(io.get_executor(), {1, 100});
+    REQUIRE(limiter.try_acquire(1, 1));
+    asio::cancellation_signal signal;
+    std::optional<std::error_code> result;
+    limiter.async_acquire(1, 1, asio::bind_cancellation_slot(
+                                    signal.slot(), [&result](std::error_code ec) { result = ec; }));
+    run_ready(io);
+    CHECK(limiter.waiting() == 1);
+    signal.emit(type);
+    run_ready(io);
+    CHECK(result == std::optional<std::error_code>(asio::error::operation_aborted));
+    CHECK(limiter.waiting() == 0);
+    CHECK(limiter.operations_in_use() == 1);
+  }
+}
+
+TEST_CASE("inflight_limiter: destroying a limiter with queued requests aborts them") {
+  asio::io_context io;
+  std::optional<std::error_code> result;
+  {
+    sl::inflight_limiter limiter(io.get_executor(), {1, 100});
+    REQUIRE(limiter.try_acquire(1, 1));
+    limiter.async_acquire(1, 1, [&result](std::error_code ec) { result = ec; });
+    run_ready(io);
+    CHECK(!result);
+  }
+  io.run_for(std::chrono::seconds(5));  // bounded, in case a request were left behind
+  CHECK(result == std::optional<std::error_code>(asio::error::operation_aborted));
 }

@@ -78,8 +78,10 @@ TEST_CASE("shard_barrier: bad shards are errors that name the parameter and the 
   CHECK(thrown_code([&] { f.barrier.arrive("nope", 0); }) == sl::errc::unknown_parameter);
   CHECK_THROWS_WITH(f.barrier.arrive(qkv, 1),
                     doctest::Contains("qkv_proj.weight': shard 1 (k_proj) arrived twice"));
-  CHECK_THROWS_WITH(f.barrier.arrive(qkv, 7), doctest::Contains("past the 3 expected"));
-  CHECK_THROWS_WITH(f.barrier.arrive("nope", 0), doctest::Contains("'nope'"));
+  CHECK_THROWS_WITH(f.barrier.arrive(qkv, 7),
+                    doctest::Contains("qkv_proj.weight': shard 7 is past the 3 expected"));
+  CHECK_THROWS_WITH(f.barrier.arrive("nope", 0),
+                    doctest::Contains("parameter 'nope': shard 0: unknown parameter"));
   std::error_code ec;
   f.barrier.arrive(qkv, 1, ec);
   CHECK(ec == sl::errc::duplicate_shard);
@@ -90,7 +92,11 @@ TEST_CASE("shard_barrier: bad declarations are refused") {
   CHECK(thrown_code([&] { f.barrier.expect(qkv, 3); }) == sl::errc::invalid_argument);
   CHECK(thrown_code([&] { f.barrier.expect("zero", 0); }) == sl::errc::invalid_argument);
   CHECK(thrown_code([&] { f.barrier.expect("names", 2, {"a"}); }) == sl::errc::invalid_argument);
-  CHECK_THROWS_WITH(f.barrier.expect("zero", 0), doctest::Contains("'zero'"));
+  CHECK_THROWS_WITH(f.barrier.expect(qkv, 3), doctest::Contains("qkv_proj.weight': declared twice"));
+  CHECK_THROWS_WITH(f.barrier.expect("zero", 0),
+                    doctest::Contains("parameter 'zero': expects zero shards"));
+  CHECK_THROWS_WITH(f.barrier.expect("names", 2, {"a"}),
+                    doctest::Contains("parameter 'names': 1 shard names for 2 shards"));
   CHECK(f.barrier.size() == 1);
 }
 
@@ -164,4 +170,54 @@ TEST_CASE("shard_barrier: works with use_future, deferred and use_awaitable") {
   CHECK_NOTHROW(future.get());
   CHECK(deferred_result == std::optional<std::error_code>(std::error_code{}));
   CHECK_NOTHROW(awaited.get());
+}
+
+TEST_CASE("shard_barrier: partial and total cancellation abort a wait too") {
+  for (auto type : {asio::cancellation_type::partial, asio::cancellation_type::total}) {
+    fixture f;
+    asio::cancellation_signal signal;
+    std::optional<std::error_code> result;
+    f.barrier.async_wait(qkv, 10s, asio::bind_cancellation_slot(signal.slot(),
+                                       [&result](std::error_code ec) { result = ec; }));
+    run_ready(f.io);
+    CHECK(!result);
+    signal.emit(type);
+    run_ready(f.io);
+    CHECK(result == std::optional<std::error_code>(asio::error::operation_aborted));
+    // The aborted waiter left the list: completing the parameter later touches nothing.
+    for (std::size_t s = 0; s < 3; ++s) f.barrier.arrive(qkv, s);
+    run_ready(f.io);
+  }
+}
+
+TEST_CASE("shard_barrier: destroying a barrier with pending waits aborts them") {
+  asio::io_context io;
+  std::vector<std::error_code> results;
+  auto record = [&results](std::error_code ec) { results.push_back(ec); };
+  {
+    sl::shard_barrier barrier(io.get_executor());
+    barrier.expect("w13", 4);
+    barrier.async_wait("w13", std::chrono::seconds(10), record);
+    barrier.async_wait("w13", std::chrono::seconds(10), record);
+    run_ready(io);
+    CHECK(results.empty());
+  }
+  io.run_for(std::chrono::seconds(5));  // bounded, in case a waiter were left behind
+  REQUIRE(results.size() == 2);
+  CHECK(results[0] == asio::error::operation_aborted);
+  CHECK(results[1] == asio::error::operation_aborted);
+}
+
+TEST_CASE("shard_barrier: describe_missing without shard names, and for an unknown parameter") {
+  asio::io_context io;
+  sl::shard_barrier barrier(io.get_executor());
+  barrier.expect("experts.w13", 4);
+  barrier.arrive("experts.w13", 2);
+  CHECK(barrier.describe_missing("experts.w13") ==
+        "parameter 'experts.w13': missing shards 0, 1, 3 of 4");
+  barrier.arrive("experts.w13", 0);
+  barrier.arrive("experts.w13", 1);
+  CHECK(barrier.describe_missing("experts.w13") == "parameter 'experts.w13': missing shard 3 of 4");
+  CHECK(barrier.describe_missing("nope") == "parameter 'nope': unknown parameter");
+  CHECK(!barrier.ready("nope"));
 }
