@@ -11,6 +11,7 @@
 #include <asio/io_context.hpp>
 #include <asio/use_awaitable.hpp>
 #include <asio/use_future.hpp>
+#include <asio/write.hpp>
 
 #include <doctest/doctest.h>
 
@@ -23,6 +24,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <future>
 #include <optional>
 #include <string>
@@ -444,7 +446,85 @@ TEST_CASE("verbs transport: a receiver process killed mid-update fails the sende
   ::waitpid(child, &status, 0);
   CHECK(killed);
   CHECK(WIFSIGNALED(status));
-  CAPTURE(first_error.message());
+  MESSAGE("the sender saw: " << first_error.message());
   CHECK((first_error == sl::errc::peer_disconnected || first_error.category() == sv::wc_category()));
   CHECK_FALSE(c.is_open());
+}
+
+namespace {
+asio::awaitable<void> token_tour(sv::transport* t, sv::transport::receiver* r,
+                                 std::span<std::byte> staging, std::span<std::byte> arena,
+                                 int* steps) {
+  // async_accept with deferred, async_connect with use_awaitable.
+  r->async_accept(asio::experimental::deferred)([steps](std::error_code ec) { *steps += ec ? 0 : 1; });
+  auto c = co_await t->async_connect(r->local_endpoint(), asio::use_awaitable);
+  auto reg = t->register_memory(staging);
+  const auto w = sl::make_write(reg.region(), staging, c.remote_regions().regions()[0]);
+  // async_write with use_awaitable.
+  co_await c.async_write(std::span(&w, 1), asio::use_awaitable);
+  *steps += std::memcmp(staging.data(), arena.data(), arena.size()) == 0 ? 2 : 0;
+  // async_write_notify with deferred, async_wait_notification with deferred.
+  auto [ec] = co_await c.async_write_notify(std::span(&w, 1), 41, asio::experimental::deferred)(
+      asio::experimental::as_tuple(asio::use_awaitable));
+  *steps += ec ? 0 : 4;
+  auto [wec, v] = co_await r->async_wait_notification(asio::experimental::deferred)(
+      asio::experimental::as_tuple(asio::use_awaitable));
+  *steps += !wec && v == 41 ? 8 : 0;
+  *steps += 100;  // the coroutine ran to its end
+}
+}  // namespace
+
+TEST_CASE("verbs transport: every initiating function takes callbacks, futures, deferred and awaitables") {
+  if (!have_device()) return;
+  asio::io_context io;
+  sv::transport t(io.get_executor());
+  sv::transport::receiver r(t, listen_endpoint());
+  auto arena = r.allocate(64 << 10);
+  r.expose("model", arena);
+  std::vector<std::byte> staging(arena.size());
+  fill(staging, 6);
+  int steps = 0;
+  auto done = asio::co_spawn(io, token_tour(&t, &r, staging, arena, &steps), asio::use_future);
+  REQUIRE(run_until(io, [&] { return done.wait_for(0s) == std::future_status::ready; }));
+  CHECK_NOTHROW(done.get());
+  CHECK(steps == 115);  // 1 accept, 2 bytes, 4 notify, 8 notification, 100 the end
+}
+
+TEST_CASE("verbs transport: a malformed hello fails async_accept with protocol_error") {
+  if (!have_device()) return;
+  asio::io_context io;
+  sv::transport t(io.get_executor());
+  sv::transport::receiver r(t, listen_endpoint());
+  auto accepted = r.async_accept(asio::use_future);
+  asio::ip::tcp::socket s(io);
+  s.connect(r.local_endpoint());
+  const std::string garbage(sv::detail::wire_fixed, 'x');
+  asio::write(s, asio::buffer(garbage));
+  REQUIRE(run_until(io, [&] { return accepted.wait_for(0s) == std::future_status::ready; }));
+  try {
+    accepted.get();
+    FAIL("garbage must not be accepted");
+  } catch (const std::system_error& e) {
+    CHECK(e.code() == sl::errc::protocol_error);
+    CHECK(std::string(e.what()).find("protocol error") != std::string::npos);
+  }
+}
+
+TEST_CASE("verbs transport: a receiver that never answers makes async_connect time out") {
+  if (!have_device()) return;
+  asio::io_context io;
+  sv::options o;
+  o.connect_timeout = 300ms;
+  sv::transport t(io.get_executor(), o);
+  // A plain TCP listener: accepts (in the kernel backlog) and never replies.
+  asio::ip::tcp::acceptor silent(io, listen_endpoint());
+  std::error_code result;
+  bool done = false;
+  t.async_connect(silent.local_endpoint(), [&](std::error_code ec, sv::transport::connection c) {
+    result = ec;
+    done = true;
+    CHECK_FALSE(c.is_open());
+  });
+  REQUIRE(run_until(io, [&] { return done; }));
+  CHECK(result == asio::error::timed_out);
 }

@@ -217,6 +217,9 @@ public:
     /// (RDMA WRITE WITH IMMEDIATE) in arrival order; with errc::peer_disconnected once a
     /// sender's control connection ended and every earlier notification was delivered;
     /// operation_aborted after close(). Cancellation: terminal, this wait only.
+    /// The receives behind notifications are reposted while a wait is pending (the CQ is
+    /// polled only then): a sender may run at most options::max_send_wr notifications
+    /// per QP ahead of the waits, past that it sees RNR retries and then an error.
     template <class Token>
     auto async_wait_notification(Token&& token) {
       return asio::async_initiate<Token, void(std::error_code, std::uint32_t)>(
