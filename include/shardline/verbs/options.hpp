@@ -30,7 +30,7 @@ struct options {
   std::uint8_t timeout = 14;        ///< local ACK timeout exponent (4.096 us * 2^timeout)
   std::uint8_t retry_count = 3;     ///< a dead peer surfaces after about (retry_count+1) timeouts
   std::uint8_t rnr_retry = 3;
-  unsigned spin_polls = 64;         ///< adaptive mode: empty polls before sleeping on the fd
+  unsigned spin_polls = 16;         ///< adaptive mode: empty polls before sleeping on the fd
   std::chrono::milliseconds fallback_poll{50};  ///< a missed CQ event cannot hang an update
   std::chrono::milliseconds connect_timeout{10000};
 };
