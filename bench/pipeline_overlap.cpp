@@ -51,14 +51,6 @@ struct options {
 
 double ms(clock_type::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
 
-std::uint64_t parse_bytes(const std::string& s) {
-  std::size_t used = 0;
-  const double v = std::stod(s, &used);
-  const char unit = used < s.size() ? s[used] : 0;
-  return static_cast<std::uint64_t>(v * (unit == 'G' ? 1 << 30 : unit == 'M' ? 1 << 20
-                                        : unit == 'K' ? 1 << 10 : 1));
-}
-
 // Every result line of the old path: how long each bucket took to load and to transfer.
 struct sequential_result {
   clock_type::duration makespan{}, first_load{}, total_load{}, total_transfer{};
@@ -232,8 +224,8 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--json") o.json = true;
-    else if (a == "--model-bytes" && i + 1 < argc) o.model_bytes = parse_bytes(argv[++i]);
-    else if (a == "--bucket-bytes" && i + 1 < argc) o.bucket_bytes = parse_bytes(argv[++i]);
+    else if (a == "--model-bytes" && i + 1 < argc) o.model_bytes = sl::examples::parse_bytes(argv[++i]);
+    else if (a == "--bucket-bytes" && i + 1 < argc) o.bucket_bytes = sl::examples::parse_bytes(argv[++i]);
     else if (a == "--repetitions" && i + 1 < argc) o.repetitions = std::max(1, std::atoi(argv[++i]));
     else {
       std::fprintf(stderr, "usage: bench_pipeline_overlap [--model-bytes N] [--bucket-bytes N] "

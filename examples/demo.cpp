@@ -59,16 +59,6 @@ struct demo_args {
   std::string address = "127.0.0.2";
 };
 
-std::uint64_t parse_bytes(const std::string& s) {
-  std::size_t used = 0;
-  const double v = std::stod(s, &used);
-  const std::string unit = s.substr(used);
-  const double scale = unit.empty() ? 1 : unit == "K" ? 1 << 10 : unit == "M" ? 1 << 20
-                                       : unit == "G" ? 1 << 30 : -1;
-  if (scale < 0 || v <= 0) throw std::invalid_argument("bad byte count '" + s + "' (use e.g. 64M)");
-  return static_cast<std::uint64_t>(v * scale);
-}
-
 demo_args parse(int argc, char** argv) {
   demo_args a;
   for (int i = 1; i < argc; ++i) {
@@ -82,11 +72,11 @@ demo_args parse(int argc, char** argv) {
     if (i + 1 >= argc) throw std::invalid_argument("option " + k + " needs a value");
     const std::string v = argv[++i];
     if (k == "--transport") a.transport = v;
-    else if (k == "--model-bytes") a.model_bytes = parse_bytes(v);
+    else if (k == "--model-bytes") a.model_bytes = sl::examples::parse_bytes(v);
     else if (k == "--experts") a.experts = std::stoll(v);
     else if (k == "--tp") a.tp = std::stoul(v);
     else if (k == "--replicas") a.replicas = std::stoul(v);
-    else if (k == "--bucket-bytes") a.bucket_bytes = parse_bytes(v);
+    else if (k == "--bucket-bytes") a.bucket_bytes = sl::examples::parse_bytes(v);
     else if (k == "--depth") a.depth = std::stoul(v);
     else if (k == "--versions") a.versions = static_cast<std::uint32_t>(std::stoul(v));
     else if (k == "--trace") a.trace = v;

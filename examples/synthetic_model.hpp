@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <span>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -113,6 +114,18 @@ inline std::uint64_t checksum(std::span<const std::byte> bytes) {
   }
   for (; i < bytes.size(); ++i) h = (h ^ std::to_integer<std::uint64_t>(bytes[i])) * 1099511628211ull;
   return h;
+}
+
+/// "64M", "1G", "4096": a byte count for command lines. Throws std::invalid_argument.
+inline std::uint64_t parse_bytes(const std::string& text) {
+  std::size_t used = 0;
+  const double value = std::stod(text, &used);
+  const std::string unit = text.substr(used);
+  const double scale = unit.empty() ? 1 : unit == "K" ? 1 << 10 : unit == "M" ? 1 << 20
+                                        : unit == "G" ? 1 << 30 : -1;
+  if (scale < 0 || value <= 0)
+    throw std::invalid_argument("bad byte count '" + text + "' (use e.g. 64M)");
+  return static_cast<std::uint64_t>(value * scale);
 }
 
 }  // namespace shardline::examples

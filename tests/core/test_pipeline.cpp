@@ -13,6 +13,8 @@
 
 #include <doctest/doctest.h>
 
+#include "../support/shard_pattern.hpp"
+
 #include <chrono>
 #include <cstring>
 #include <future>
@@ -22,6 +24,8 @@
 #include <vector>
 
 namespace sl = shardline;
+using sl::testing::fill;
+using sl::testing::pattern;
 using namespace std::chrono_literals;
 
 namespace {
@@ -46,17 +50,6 @@ std::vector<sl::parameter_descriptor> tiny_model(int layers = 2) {
   return t;
 }
 
-std::byte pattern(const std::string& tensor, std::uint32_t version, std::size_t i) {
-  std::uint32_t h = 2166136261u ^ version;
-  for (unsigned char c : tensor) h = (h ^ c) * 16777619u;
-  return static_cast<std::byte>((h + i * 131) >> 3);
-}
-
-// The loader under test's "real work": the bytes a trainer would produce for a tensor.
-void fill(const sl::shard_load& load) {
-  for (std::size_t i = 0; i < load.staging.size(); ++i)
-    load.staging[i] = pattern(load.tensor.name, load.version, i);
-}
 
 // What receiver r must hold for `version`, derived from the plan independently of the pipeline.
 std::vector<std::byte> expected(const sl::transfer_plan& plan, std::size_t r,

@@ -13,6 +13,8 @@
 
 #include <doctest/doctest.h>
 
+#include "../support/shard_pattern.hpp"
+
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -25,6 +27,8 @@
 #include <vector>
 
 namespace sl = shardline;
+using sl::testing::fill;
+using sl::testing::pattern;
 using namespace std::chrono_literals;
 
 namespace {
@@ -48,16 +52,6 @@ sl::transfer_plan plan_of() {
   return sl::transfer_plan::build(model(), sl::shard_map::standard(), o);
 }
 
-std::byte pattern(const std::string& tensor, std::uint32_t version, std::size_t i) {
-  std::uint32_t h = 2166136261u ^ version;
-  for (unsigned char c : tensor) h = (h ^ c) * 16777619u;
-  return static_cast<std::byte>((h + i * 131) >> 3);
-}
-
-void fill(const sl::shard_load& load) {
-  for (std::size_t i = 0; i < load.staging.size(); ++i)
-    load.staging[i] = pattern(load.tensor.name, load.version, i);
-}
 
 std::string socket_path() {
   return "/tmp/shardline-test-pipeline-" + std::to_string(getpid()) + ".sock";
