@@ -27,8 +27,8 @@ struct options {
   std::uint32_t signal_every = 16;  ///< selective signalling interval
   std::size_t max_wr_per_post = 64; ///< WRs per ibv_post_send chain (and per QP per loop turn)
   std::size_t max_write_bytes = 0;  ///< 0: the port's max_msg_sz; smaller splits writes further
-  std::uint8_t timeout = 14;        ///< local ACK timeout exponent (4.096 us * 2^timeout)
-  std::uint8_t retry_count = 3;     ///< a dead peer surfaces after about (retry_count+1) timeouts
+  std::uint8_t timeout = 16;        ///< local ACK timeout exponent (4.096 us * 2^16 = 268 ms)
+  std::uint8_t retry_count = 7;     ///< a dead peer surfaces after about (retry_count+1) timeouts: ~2.1 s
   std::uint8_t rnr_retry = 3;
   unsigned spin_polls = 16;         ///< adaptive mode: empty polls before sleeping on the fd
   std::chrono::milliseconds fallback_poll{50};  ///< a missed CQ event cannot hang an update
