@@ -48,17 +48,10 @@ public:
   executor_type get_executor() const noexcept { return executor_; }
 
   /// Local memory needs no registration in-process; the type exists for the concept.
-  class registration {
-  public:
-    explicit registration(local_region r) : region_(r) {}
-    local_region region() const noexcept { return region_; }
-
-  private:
-    local_region region_;
-  };
+  using registration = unregistered_memory;
 
   registration register_memory(std::span<std::byte> bytes) {
-    return registration{local_region{bytes.data(), bytes.size(), 0}};
+    return registration{bytes};
   }
 
   class receiver {

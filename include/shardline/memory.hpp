@@ -27,6 +27,18 @@ struct local_region {
   }
 };
 
+/// The registration of transports whose copies read the sender's memory in place
+/// (loopback, shm): nothing to register or release, only the region to remember.
+class unregistered_memory {
+public:
+  explicit unregistered_memory(std::span<std::byte> bytes) noexcept
+      : region_{bytes.data(), bytes.size(), 0} {}
+  local_region region() const noexcept { return region_; }
+
+private:
+  local_region region_;
+};
+
 /// Memory a receiver exposed to its peer: address in the receiver's address space
 /// (or offset in its shared arena, per transport), length and remote key.
 /// Local and remote memory are distinct types on purpose: one is never passed for the other.

@@ -445,17 +445,10 @@ public:
   executor_type get_executor() const noexcept { return executor_; }
 
   /// The sender's memory needs no registration: copies read it in place.
-  class registration {
-  public:
-    explicit registration(local_region r) : region_(r) {}
-    local_region region() const noexcept { return region_; }
-
-  private:
-    local_region region_;
-  };
+  using registration = unregistered_memory;
 
   registration register_memory(std::span<std::byte> bytes) {
-    return registration{local_region{bytes.data(), bytes.size(), 0}};
+    return registration{bytes};
   }
 
   /// The rollout side: owns the arenas (memfd + MAP_SHARED) and listens on a Unix socket
