@@ -24,6 +24,13 @@ enum class errc {
   invalid_argument,      ///< a malformed descriptor, plan or option
   no_device,             ///< no RDMA device is present or the named one is missing
   protocol_error,        ///< a control message that does not parse
+  protocol_version_mismatch,  ///< the peer speaks another version of a wire format
+  unsupported_memory,    ///< a memory kind the transport (or staging) cannot move
+  layout_mismatch,       ///< same byte count, but another dtype or shape
+  plan_mismatch,         ///< the peers were built from different plans (fingerprints differ)
+  unknown_sender,        ///< a sender id the receiver does not expect
+  stale_version,         ///< a version that does not move forward
+  version_abandoned,     ///< a version that can never commit (a sender failed or left mid-version)
 };
 
 namespace detail {
@@ -46,6 +53,13 @@ public:
       case errc::invalid_argument: return "invalid argument";
       case errc::no_device: return "no RDMA device";
       case errc::protocol_error: return "protocol error";
+      case errc::protocol_version_mismatch: return "peer speaks another protocol version";
+      case errc::unsupported_memory: return "memory kind not supported";
+      case errc::layout_mismatch: return "dtype or shape differ";
+      case errc::plan_mismatch: return "peers built from different plans";
+      case errc::unknown_sender: return "unknown sender";
+      case errc::stale_version: return "version does not move forward";
+      case errc::version_abandoned: return "version abandoned";
     }
     return "unknown shardline error";
   }
@@ -63,10 +77,23 @@ inline std::error_code make_error_code(errc e) noexcept {
 }
 
 /// Thrown by the throwing overloads and delivered through std::exception_ptr by the
-/// pipeline. what() names the parameter (or shard, or region) and the cause.
+/// pipeline. what() names the parameter (or shard, or region) and the cause, once: the
+/// code's message is appended only when `what` does not already say it.
 class error : public std::system_error {
 public:
-  using std::system_error::system_error;
+  error(std::error_code ec, const std::string& what)
+      : std::system_error(ec), what_(says(what, ec) ? what : what + ": " + ec.message()) {}
+  error(std::error_code ec, const char* what) : error(ec, std::string(what)) {}
+  explicit error(std::error_code ec) : std::system_error(ec), what_(ec.message()) {}
+
+  const char* what() const noexcept override { return what_.c_str(); }
+
+private:
+  static bool says(const std::string& what, const std::error_code& ec) {
+    const std::string cause = ec.message();
+    return what.empty() ? false : what.find(cause) != std::string::npos;
+  }
+  std::string what_;
 };
 
 /// Throws shardline::error when ec is set; the throwing overloads end with this.

@@ -28,20 +28,22 @@ namespace shardline {
 /// transport must be used from the one executor's thread.
 template <class Executor = asio::any_io_executor>
 class basic_loopback_transport {
-  using notification_channel =
-      asio::experimental::channel<Executor, void(std::error_code, std::uint32_t)>;
+  using notice_channel = asio::experimental::channel<Executor, void(std::error_code, notice)>;
 
   struct receiver_state {
-    explicit receiver_state(const Executor& ex, std::size_t depth) : notifications(ex, depth) {}
+    explicit receiver_state(const Executor& ex, std::size_t depth) : notices(ex, depth) {}
     std::vector<std::unique_ptr<std::byte[]>> arenas;
-    std::vector<std::span<std::byte>> arena_spans;
     region_table table;
-    notification_channel notifications;
+    notice_channel notices;
+    admission admitted;
     bool open = true;
   };
 
 public:
   using executor_type = Executor;
+  /// memcpy reads and writes host memory of either kind.
+  static constexpr memory_kinds source_kinds{memory_kind::host, memory_kind::host_pinned};
+  static constexpr memory_kinds destination_kinds{memory_kind::host, memory_kind::host_pinned};
 
   explicit basic_loopback_transport(const executor_type& ex) : executor_(ex) {}
 
@@ -50,45 +52,51 @@ public:
   /// Local memory needs no registration in-process; the type exists for the concept.
   using registration = unregistered_memory;
 
-  registration register_memory(std::span<std::byte> bytes) {
-    return registration{bytes};
+  /// Throws shardline::error(errc::unsupported_memory) for a kind memcpy cannot read.
+  registration register_memory(std::span<std::byte> bytes, memory_location where = {}) {
+    require_kind(source_kinds, where, "the loopback transport", "staging memory");
+    return registration{bytes, where};
   }
 
   class receiver {
   public:
-    /// `notification_depth` bounds commits queued before the receiver awaits them.
-    explicit receiver(const executor_type& ex, std::size_t notification_depth = 64)
-        : state_(std::make_shared<receiver_state>(ex, notification_depth)) {}
+    /// `notice_depth` bounds the notices queued before the receiver awaits them; a sender's
+    /// async_notify completes (is acknowledged) once its notice is queued.
+    explicit receiver(const executor_type& ex, std::size_t notice_depth = 64)
+        : state_(std::make_shared<receiver_state>(ex, notice_depth)) {}
 
-    executor_type get_executor() const noexcept { return state_->notifications.get_executor(); }
+    executor_type get_executor() const noexcept { return state_->notices.get_executor(); }
 
     std::span<std::byte> allocate(std::size_t bytes) {
       auto& arena = state_->arenas.emplace_back(new std::byte[bytes]());
-      return state_->arena_spans.emplace_back(arena.get(), bytes);
+      return {arena.get(), bytes};
     }
 
-    void expose(std::string name, std::span<std::byte> bytes) {
-      bool inside = false;
-      for (auto a : state_->arena_spans)
-        inside |= local_region{a.data(), a.size(), 0}.contains(bytes.data(), bytes.size());
-      if (!inside)
-        throw error(make_error_code(errc::invalid_argument),
-                    "loopback receiver: region '" + name + "' is not inside an allocated arena");
-      state_->table.add(
-          {std::move(name), reinterpret_cast<std::uintptr_t>(bytes.data()), bytes.size(), 0});
+    /// Any host memory of this process can be exposed: an allocated arena's or the caller's
+    /// own (adopted) tensors. Throws shardline::error naming the region for another memory
+    /// kind (errc::unsupported_memory), a name given twice or an overlap (invalid_argument).
+    void expose(exposure e) {
+      require_kind(destination_kinds, e.location, "the loopback transport", "region '" + e.name + "'");
+      state_->table.add({std::move(e.name), reinterpret_cast<std::uintptr_t>(e.bytes.data()),
+                         e.bytes.size(), 0, e.location, std::move(e.layout)});
     }
+    void expose(std::string name, std::span<std::byte> bytes) { expose({std::move(name), bytes}); }
+
+    void admit(admission a) noexcept { state_->admitted = a; }
 
     const region_table& regions() const noexcept { return state_->table; }
 
+    /// Completion void(std::error_code, notice), see transport_receiver.
     template <class Token>
     auto async_wait_notification(Token&& token) {
-      return state_->notifications.async_receive(std::forward<Token>(token));
+      return state_->notices.async_receive(std::forward<Token>(token));
     }
 
-    /// The peer's pending and later writes fail with errc::peer_disconnected.
+    /// The senders' pending and later operations fail with errc::peer_disconnected.
     void close() noexcept {
       state_->open = false;
-      state_->notifications.close();
+      state_->notices.cancel();  // a sender waiting for room (its acknowledgement) learns it now
+      state_->notices.close();
     }
 
   private:
@@ -103,21 +111,66 @@ public:
 
     const region_table& remote_regions() const noexcept { return table_; }
     bool is_open() const noexcept { return open_ && peer_ && peer_->open; }
+    const sender_identity& identity() const noexcept { return who_; }
 
-    /// Completion signature void(std::error_code). The copy happens during initiation;
-    /// the completion is always posted. Either every request lands or none does.
+    /// Completion signature void(std::error_code). The copy happens during initiation (or
+    /// when the modelled link delivers it); the completion is always posted. Either every
+    /// request lands or none does.
     template <class Token>
     auto async_write(std::span<const write_request> batch, Token&& token) {
-      return async_write_notify_impl(batch, false, 0, std::forward<Token>(token));
+      return asio::async_initiate<Token, void(std::error_code)>(
+          [this, batch](auto handler) {
+            if (!open_) {
+              detail::post_completion(executor_, std::move(handler),
+                                      make_error_code(errc::not_connected));
+              return;
+            }
+            if (delay_ == std::chrono::steady_clock::duration::zero() && wire_rate_ <= 0) {
+              detail::post_completion(executor_, std::move(handler), copy(*peer_, batch));
+              return;
+            }
+            auto timer = std::make_unique<asio::steady_timer>(executor_, landing_time(batch));
+            auto& t = *timer;
+            t.async_wait([executor = executor_, peer = peer_, handler = std::move(handler),
+                          timer = std::move(timer),
+                          requests = std::vector<write_request>(batch.begin(), batch.end())](
+                             std::error_code) mutable {
+              detail::post_completion(executor, std::move(handler), copy(*peer, requests));
+            });
+          },
+          token);
     }
 
+    /// Completion void(std::error_code) once the notice is queued at the receiver (its
+    /// acknowledgement); errc::peer_disconnected when the receiver is closed.
     template <class Token>
-    auto async_write_notify(std::span<const write_request> batch, std::uint32_t notification,
-                            Token&& token) {
-      return async_write_notify_impl(batch, true, notification, std::forward<Token>(token));
+    auto async_notify(notice_kind kind, std::uint32_t version, Token&& token) {
+      return asio::async_initiate<Token, void(std::error_code)>(
+          [this, kind, version](auto handler) {
+            if (!open_)
+              return detail::post_completion(executor_, std::move(handler),
+                                             make_error_code(errc::not_connected));
+            if (!peer_->open)
+              return detail::post_completion(executor_, std::move(handler),
+                                             make_error_code(errc::peer_disconnected));
+            peer_->notices.async_send(
+                std::error_code{}, notice{who_.sender, kind, version},
+                [handler = std::move(handler), executor = executor_](std::error_code ec) mutable {
+                  detail::post_completion(executor, std::move(handler),
+                                          ec ? make_error_code(errc::peer_disconnected) : ec);
+                });
+          },
+          token);
     }
 
-    void close() noexcept { open_ = false; }
+    /// The receiver sees this sender leave (a peer_disconnected notice naming it).
+    void close() noexcept {
+      if (!open_) return;
+      open_ = false;
+      if (peer_ && peer_->open)
+        peer_->notices.try_send(make_error_code(errc::peer_disconnected),
+                                notice{who_.sender, notice_kind::abort, 0});
+    }
 
     /// From now on each write copies and completes `delay` after its initiation, as a NIC
     /// that reads the source late would: tests use it to prove that the source bytes are
@@ -133,22 +186,19 @@ public:
 
   private:
     friend class basic_loopback_transport;
-    connection(const executor_type& ex, std::shared_ptr<receiver_state> peer)
-        : executor_(ex), peer_(std::move(peer)), table_(peer_->table) {}
+    connection(const executor_type& ex, std::shared_ptr<receiver_state> peer, sender_identity who)
+        : executor_(ex), peer_(std::move(peer)), table_(peer_->table), who_(who) {}
 
     // Static, with the peer passed in: a delayed write outlives a moved-from connection.
-    static std::error_code copy(receiver_state& peer, std::span<const write_request> batch,
-                                bool notify, std::uint32_t value) {
+    static std::error_code copy(receiver_state& peer, std::span<const write_request> batch) {
       if (!peer.open) return make_error_code(errc::peer_disconnected);
       for (const auto& w : batch)  // validate first: nothing half-written
-        if (!peer.table.find(w.remote_address, w.source.size()))
+        if (!peer.table.covers(w.remote_address, w.source.size()))
           return make_error_code(errc::region_not_exposed);
       for (const auto& w : batch)
         if (!w.source.empty())
           std::memcpy(reinterpret_cast<void*>(static_cast<std::uintptr_t>(w.remote_address)),
                       w.source.data(), w.source.size());
-      if (notify && !peer.notifications.try_send(std::error_code{}, value))
-        return make_error_code(errc::peer_disconnected);
       return {};
     }
 
@@ -163,45 +213,26 @@ public:
       return wire_free_;
     }
 
-    template <class Token>
-    auto async_write_notify_impl(std::span<const write_request> batch, bool notify,
-                                 std::uint32_t value, Token&& token) {
-      return asio::async_initiate<Token, void(std::error_code)>(
-          [this, batch, notify, value](auto handler) {
-            if (!open_) {
-              detail::post_completion(executor_, std::move(handler),
-                                      make_error_code(errc::not_connected));
-              return;
-            }
-            if (delay_ == std::chrono::steady_clock::duration::zero() && wire_rate_ <= 0) {
-              detail::post_completion(executor_, std::move(handler),
-                                      copy(*peer_, batch, notify, value));
-              return;
-            }
-            auto timer = std::make_unique<asio::steady_timer>(executor_, landing_time(batch));
-            auto& t = *timer;
-            t.async_wait([executor = executor_, peer = peer_, handler = std::move(handler),
-                          timer = std::move(timer),
-                          requests = std::vector<write_request>(batch.begin(), batch.end()),
-                          notify, value](std::error_code) mutable {
-              detail::post_completion(executor, std::move(handler),
-                                      copy(*peer, requests, notify, value));
-            });
-          },
-          token);
-    }
-
     executor_type executor_;
     std::shared_ptr<receiver_state> peer_;
     region_table table_;
+    sender_identity who_;
     bool open_ = true;
     std::chrono::steady_clock::duration delay_{};
     double wire_rate_ = 0;
     std::chrono::steady_clock::time_point wire_free_{};
   };
 
-  /// Connects to a receiver of this process; its region table is copied now.
-  connection connect(receiver& r) { return connection(executor_, r.state_); }
+  /// Connects to a receiver of this process as sender `who`; its region table is copied now.
+  /// Throws shardline::error when the receiver refuses `who` (errc::unknown_sender,
+  /// errc::plan_mismatch) or is closed (errc::not_connected).
+  connection connect(receiver& r, sender_identity who = {}) {
+    if (!r.state_->open)
+      throw error(make_error_code(errc::not_connected), "loopback connect: the receiver is closed");
+    if (auto ec = r.state_->admitted.check(who))
+      throw error(ec, "loopback connect: sender " + std::to_string(who.sender) + " refused: " + ec.message());
+    return connection(executor_, r.state_, who);
+  }
 
 private:
   executor_type executor_;
