@@ -1,38 +1,143 @@
-// shardline/weights_receiver.hpp: the rollout side. Lays out the parameters in one arena,
-// exposes each to the sender and surfaces committed versions.
+// shardline/weights_receiver.hpp: the rollout side. Exposes the parameters one receiver
+// holds (laid out in one arena, or the inference engine's own tensors), announces a version
+// only once every sender that writes here committed it, and says when memory is dirty.
 #pragma once
 
 #include <shardline/error.hpp>
+#include <shardline/memory.hpp>
 #include <shardline/parameter.hpp>
+#include <shardline/transfer_plan.hpp>
 #include <shardline/transport.hpp>
 
 #include <asio/async_result.hpp>
 #include <asio/compose.hpp>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <span>
 #include <string>
 #include <string_view>
 #include <system_error>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace shardline {
 
-/// Owns nothing but the layout: the memory is the transport receiver's single arena,
-/// allocated (mapped or registered) once for all parameters.
+/// One tensor an inference engine already owns, handed to a receiver to adopt.
+struct engine_tensor {
+  std::string name;
+  dtype type = dtype::bf16;
+  std::vector<std::int64_t> shape;
+  std::span<std::byte> bytes;
+  memory_location location{};
+};
+
+/// Whether the receiver's memory holds one whole version.
+struct memory_state {
+  using clock = std::chrono::steady_clock;
+  bool dirty = false;                    ///< some bytes may be of a version that did not commit
+  std::optional<std::uint32_t> committed;  ///< the last version whose every byte landed
+  std::uint32_t target = 0;              ///< dirty: the version the memory was moving to
+  clock::time_point since{};             ///< dirty: when the first sender began it
+  std::string reason;                    ///< dirty: why, e.g. "sender 2 disconnected while writing version 5"
+};
+
+/// Owns the layout, never the bytes: either the transport receiver's single arena
+/// (allocated, mapped or registered once for all parameters) or the engine's tensors.
 ///
 /// Thread safety: use from the receiver's executor.
 template <transport_receiver Receiver>
 class weights_receiver {
 public:
-  /// Allocates one arena for `parameters` (each aligned to `alignment` bytes) and exposes
-  /// each under its name. Throws shardline::error(errc::invalid_argument) naming a parameter
-  /// given twice.
+  /// Lays out `parameters` (each aligned to `alignment` bytes) in one arena and exposes each
+  /// with its layout; one sender (id 0), any plan. Throws shardline::error
+  /// (errc::invalid_argument) naming a parameter given twice.
   weights_receiver(Receiver& endpoint, std::vector<parameter_descriptor> parameters,
                    std::size_t alignment = 256)
-      : endpoint_(endpoint), parameters_(std::move(parameters)) {
+      : endpoint_(endpoint), parameters_(std::move(parameters)), quorum_{0} {
+    lay_out(alignment);
+  }
+
+  /// Lays out what receiver `receiver` of `plan` holds, accepts exactly the plan's senders
+  /// built from this plan (its fingerprint), and announces a version once every sender that
+  /// writes to this receiver committed it. Throws what transfer_plan::receiver_parameters
+  /// throws.
+  weights_receiver(Receiver& endpoint, const transfer_plan& plan, std::size_t receiver,
+                   std::size_t alignment = 256)
+      : endpoint_(endpoint), parameters_(plan.receiver_parameters(receiver)),
+        quorum_(plan.receiver_senders(receiver)) {
+    lay_out(alignment);
+    endpoint_.admit({static_cast<std::uint32_t>(plan.senders()), plan.fingerprint()});
+  }
+
+  /// Adopts the engine's own tensors for what receiver `receiver` of `plan` holds: the
+  /// transport registers exactly those bytes. Every planned parameter must be among
+  /// `tensors` (others are ignored). Throws shardline::error naming the tensor:
+  /// errc::invalid_argument for a name given twice, a span whose size is not its layout's
+  /// bytes, a tensor not aligned to its element size, two tensors that overlap;
+  /// errc::unknown_parameter for a planned parameter missing from `tensors`;
+  /// errc::layout_mismatch for another dtype or shape than the plan's; what the transport's
+  /// expose() throws (e.g. errc::unsupported_memory where it cannot share such memory).
+  weights_receiver(Receiver& endpoint, const transfer_plan& plan, std::size_t receiver,
+                   std::vector<engine_tensor> tensors)
+      : endpoint_(endpoint), parameters_(plan.receiver_parameters(receiver)),
+        quorum_(plan.receiver_senders(receiver)) {
+    adopt(std::move(tensors));
+    endpoint_.admit({static_cast<std::uint32_t>(plan.senders()), plan.fingerprint()});
+  }
+
+  /// The parameter's memory. Throws shardline::error(errc::unknown_parameter) naming it.
+  std::span<std::byte> parameter(std::string_view name) const {
+    auto it = spans_.find(std::string(name));
+    if (it == spans_.end())
+      throw error(make_error_code(errc::unknown_parameter),
+                  "weights_receiver: unknown parameter '" + std::string(name) + "'");
+    return it->second;
+  }
+
+  const std::vector<parameter_descriptor>& parameters() const noexcept { return parameters_; }
+  Receiver& endpoint() noexcept { return endpoint_; }
+  /// The senders whose commits announce a version here.
+  const std::vector<std::uint32_t>& quorum() const noexcept { return quorum_; }
+
+  /// The last version whose every byte landed, if any.
+  std::optional<std::uint32_t> committed_version() const noexcept { return state_.committed; }
+  /// Clean, or dirty with the version it was moving to, since when and why.
+  const memory_state& state() const noexcept { return state_; }
+
+  /// Completion void(std::error_code, std::uint32_t version). Succeeds when a version
+  /// commits: every sender of the quorum committed it, so every byte of it is here. Fails
+  /// with errc::version_abandoned (and that version) when the version in progress can no
+  /// longer commit: a sender of the quorum aborted it, withdrew it, or disconnected while
+  /// writing it (state().reason names the sender); the next version starts afresh. Fails
+  /// with errc::unknown_sender for a notice from a sender outside the quorum, and with the
+  /// endpoint's error when it is closed. A sender that disconnects between versions is not
+  /// an error (a restarted trainer reconnects).
+  template <class Token>
+  auto async_wait_commit(Token&& token) {
+    return asio::async_compose<Token, void(std::error_code, std::uint32_t)>(
+        commit_op{this}, token, endpoint_.get_executor());
+  }
+
+private:
+  struct commit_op {
+    weights_receiver* self;
+    bool started = false;
+    template <class Self>
+    void operator()(Self& op, std::error_code ec = {}, notice n = {}) {
+      if (started) {
+        if (auto outcome = self->take(ec, n)) return op.complete(outcome->first, outcome->second);
+      }
+      started = true;
+      self->endpoint_.async_wait_notification(std::move(op));
+    }
+  };
+
+  void lay_out(std::size_t alignment) {
     std::vector<std::uint64_t> offsets;
     std::uint64_t total = 0;
     for (const auto& p : parameters_) {
@@ -47,54 +152,151 @@ public:
       if (!spans_.emplace(p.name, bytes).second)
         throw error(make_error_code(errc::invalid_argument),
                     "weights_receiver: parameter '" + p.name + "' given twice");
-      endpoint_.expose(p.name, bytes);
+      endpoint_.expose({p.name, bytes, memory_location::host(), tensor_layout{p.type, p.shape}});
     }
   }
 
-  /// The parameter's memory. Throws shardline::error(errc::unknown_parameter) naming it.
-  std::span<std::byte> parameter(std::string_view name) const {
-    auto it = spans_.find(std::string(name));
-    if (it == spans_.end())
-      throw error(make_error_code(errc::unknown_parameter),
-                  "weights_receiver: unknown parameter '" + std::string(name) + "'");
-    return it->second;
+  void adopt(std::vector<engine_tensor> tensors) {
+    const auto fail = [](errc e, const std::string& why) {
+      return error(make_error_code(e), "weights_receiver: " + why);
+    };
+    std::unordered_map<std::string, std::size_t> by_name;
+    std::map<const std::byte*, std::size_t> by_address;
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+      const auto& t = tensors[i];
+      const parameter_descriptor d{t.name, t.type, t.shape};
+      if (!by_name.emplace(t.name, i).second)
+        throw fail(errc::invalid_argument, "tensor '" + t.name + "' given twice");
+      if (t.bytes.size() != d.bytes())
+        throw fail(errc::invalid_argument, "tensor " + describe(d) + " needs " + std::to_string(d.bytes()) +
+                                               " bytes, its span has " + std::to_string(t.bytes.size()));
+      const auto element = size_of(t.type);
+      if (element > 1 && reinterpret_cast<std::uintptr_t>(t.bytes.data()) % element != 0)
+        throw fail(errc::invalid_argument, "tensor '" + t.name + "' is not aligned to its " +
+                                               std::to_string(element) + "-byte elements");
+      if (!t.bytes.empty()) by_address.emplace(t.bytes.data(), i);
+    }
+    // Sorted by address, an overlap can only be with the next tensor.
+    for (auto it = by_address.begin(); it != by_address.end(); ++it) {
+      const auto next = std::next(it);
+      if (next == by_address.end()) break;
+      const auto& a = tensors[it->second];
+      if (a.bytes.data() + a.bytes.size() > next->first)
+        throw fail(errc::invalid_argument,
+                   "tensors '" + a.name + "' and '" + tensors[next->second].name + "' overlap");
+    }
+    for (const auto& p : parameters_) {
+      const auto it = by_name.find(p.name);
+      if (it == by_name.end())
+        throw fail(errc::unknown_parameter, "the engine has no tensor '" + p.name + "' (the plan sends " +
+                                                describe(p) + ")");
+      const auto& t = tensors[it->second];
+      const tensor_layout planned{p.type, p.shape}, held{t.type, t.shape};
+      if (planned != held)
+        throw fail(errc::layout_mismatch, "tensor '" + p.name + "' is " + to_string(held) + ", the plan sends " +
+                                              to_string(planned));
+    }
+    for (const auto& p : parameters_) {
+      auto& t = tensors[by_name.at(p.name)];
+      endpoint_.expose({p.name, t.bytes, t.location, tensor_layout{t.type, t.shape}});
+      spans_.emplace(p.name, t.bytes);
+    }
   }
 
-  const std::vector<parameter_descriptor>& parameters() const noexcept { return parameters_; }
-  Receiver& endpoint() noexcept { return endpoint_; }
-
-  /// The last version whose every byte landed, if any.
-  std::optional<std::uint32_t> committed_version() const noexcept { return committed_; }
-
-  /// Completes with void(std::error_code, std::uint32_t version) when the sender commits
-  /// the next version: every byte of it has landed here before this completes.
-  template <class Token>
-  auto async_wait_commit(Token&& token) {
-    return asio::async_compose<Token, void(std::error_code, std::uint32_t)>(
-        commit_op{this}, token, endpoint_.get_executor());
+  bool in_quorum(std::uint32_t s) const noexcept {
+    return std::find(quorum_.begin(), quorum_.end(), s) != quorum_.end();
   }
 
-private:
-  struct commit_op {
-    weights_receiver* self;
-    bool started = false;
-    template <class Self>
-    void operator()(Self& op, std::error_code ec = {}, std::uint32_t version = 0) {
-      if (!started) {
-        started = true;
-        self->endpoint_.async_wait_notification(std::move(op));
-        return;
+  void abandon(std::string why) {
+    abandoned_ = true;
+    state_.reason = std::move(why);
+  }
+
+  // One notice (or a sender leaving) applied to the version in progress; a result when the
+  // waiter's operation completes.
+  std::optional<std::pair<std::error_code, std::uint32_t>> take(std::error_code ec, const notice& n) {
+    const std::string who = "sender " + std::to_string(n.sender);
+    const std::string what = " version " + std::to_string(target_);
+    if (ec == errc::peer_disconnected) {
+      const bool was_writing = active_ && !abandoned_ && began(n.sender) && !committed(n.sender);
+      if (!was_writing) return std::nullopt;
+      abandon(who + " disconnected while writing" + what);
+      return std::pair{make_error_code(errc::version_abandoned), target_};
+    }
+    if (ec) return std::pair{ec, std::uint32_t{0}};
+    if (!in_quorum(n.sender)) {
+      state_.reason = who + " sent a " + std::string(to_string(n.kind)) + " notice but is not a sender of this receiver";
+      return std::pair{make_error_code(errc::unknown_sender), n.version};
+    }
+    if (n.kind == notice_kind::begin && (!active_ || n.version != target_)) {
+      active_ = true;
+      target_ = n.version;
+      abandoned_ = false;
+      began_.clear();
+      committed_.clear();
+      if (!state_.dirty) {
+        state_.dirty = true;
+        state_.target = n.version;
+        state_.since = memory_state::clock::now();
+        state_.reason = "receiving version " + std::to_string(n.version);
+        clean_before_ = true;
+      } else {
+        clean_before_ = false;
+        state_.target = n.version;
       }
-      if (!ec) self->committed_ = version;
-      op.complete(ec, version);
     }
-  };
+    if (!active_ || n.version != target_) return std::nullopt;  // a stale notice
+    const std::string about = " version " + std::to_string(n.version);
+    switch (n.kind) {
+      case notice_kind::begin:
+        began_.push_back(n.sender);
+        return std::nullopt;
+      case notice_kind::commit:
+        if (abandoned_) return std::nullopt;
+        committed_.push_back(n.sender);
+        if (!std::all_of(quorum_.begin(), quorum_.end(), [this](std::uint32_t s) { return committed(s); }))
+          return std::nullopt;
+        state_ = {false, n.version, 0, {}, {}};
+        active_ = false;
+        return std::pair{std::error_code{}, n.version};
+      case notice_kind::abort:
+        if (abandoned_) return std::nullopt;
+        abandon(who + " aborted" + about + " after writing part of it");
+        return std::pair{make_error_code(errc::version_abandoned), n.version};
+      case notice_kind::withdraw: {
+        began_.erase(std::remove(began_.begin(), began_.end(), n.sender), began_.end());
+        // Nothing of this version was written by anyone: the memory is as it was.
+        if (began_.empty() && clean_before_) {
+          state_.dirty = false;
+          state_.reason.clear();
+          active_ = false;
+        }
+        if (abandoned_) return std::nullopt;
+        abandon(who + " withdrew" + about + " before writing any of it");
+        return std::pair{make_error_code(errc::version_abandoned), n.version};
+      }
+    }
+    return std::nullopt;
+  }
+
+  bool began(std::uint32_t s) const noexcept { return std::find(began_.begin(), began_.end(), s) != began_.end(); }
+  bool committed(std::uint32_t s) const noexcept {
+    return std::find(committed_.begin(), committed_.end(), s) != committed_.end();
+  }
 
   Receiver& endpoint_;
   std::vector<parameter_descriptor> parameters_;
+  std::vector<std::uint32_t> quorum_;
   std::span<std::byte> arena_;
   std::unordered_map<std::string, std::span<std::byte>> spans_;
-  std::optional<std::uint32_t> committed_;
+  memory_state state_;
+  // The version in progress: who began it, who committed it, whether it can still commit.
+  bool active_ = false;
+  bool abandoned_ = false;
+  bool clean_before_ = false;
+  std::uint32_t target_ = 0;
+  std::vector<std::uint32_t> began_;
+  std::vector<std::uint32_t> committed_;
 };
 
 }  // namespace shardline
