@@ -71,17 +71,17 @@ int receive(const options& o, const std::string& path) {
   touch(arena, std::byte{1});  // the pages exist before the sender maps them
   r.expose("w", arena);
   bool done = false;
-  int verdict = 4;  // no notification came
-  r.async_accept([&](std::error_code ec) {
+  int verdict = 4;  // no commit notice came
+  r.async_accept([&](std::error_code ec, std::uint32_t) {
     if (ec) {
       std::fprintf(stderr, "shm_bandwidth receiver: accept: %s\n", ec.message().c_str());
       done = true;
       return;
     }
-    // The sender's last notification: every byte of the last pass is here.
-    r.async_wait_notification([&](std::error_code ec, std::uint32_t) {
+    // The sender's commit notice: every byte of the last pass is here.
+    r.async_wait_notification([&](std::error_code ec, sl::notice n) {
       done = true;
-      if (ec) return;
+      if (ec || n.kind != sl::notice_kind::commit) return;
       verdict = 0;
       for (std::size_t i = 0; i < arena.size(); ++i)
         if (arena[i] != static_cast<std::byte>(i * 131)) {
@@ -190,10 +190,9 @@ int main(int argc, char** argv) {
     if (std::memcmp(dst.data(), src.data(), o.bytes) != 0) throw std::runtime_error("memcpy baseline differs");
 
     std::optional<std::error_code> notified;  // the receiver then checks every byte
-    conn->async_write_notify({}, 1, [&](std::error_code ec) { notified = ec; });
+    conn->async_notify(sl::notice_kind::commit, 1, [&](std::error_code ec) { notified = ec; });
     while (!notified) io.run_one();
-    if (*notified) throw sl::error(*notified, "shm_bandwidth: final notification");
-
+    if (*notified) throw sl::error(*notified, "shm_bandwidth: commit notice");
 
     conn->close();
   } catch (const std::exception& e) {
