@@ -82,7 +82,8 @@ inline std::error_code make_error_code(errc e) noexcept {
 class error : public std::system_error {
 public:
   error(std::error_code ec, const std::string& what)
-      : std::system_error(ec), what_(says(what, ec) ? what : what + ": " + ec.message()) {}
+      : std::system_error(ec),
+        what_(what.empty() ? ec.message() : says(what, ec) ? what : what + ": " + ec.message()) {}
   error(std::error_code ec, const char* what) : error(ec, std::string(what)) {}
   explicit error(std::error_code ec) : std::system_error(ec), what_(ec.message()) {}
 
@@ -91,7 +92,7 @@ public:
 private:
   static bool says(const std::string& what, const std::error_code& ec) {
     const std::string cause = ec.message();
-    return what.empty() ? false : what.find(cause) != std::string::npos;
+    return what.find(cause) != std::string::npos;
   }
   std::string what_;
 };

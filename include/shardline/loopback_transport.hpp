@@ -60,6 +60,7 @@ public:
 
   class receiver {
   public:
+    static constexpr memory_kinds destination_kinds = basic_loopback_transport::destination_kinds;
     /// `notice_depth` bounds the notices queued before the receiver awaits them; a sender's
     /// async_notify completes (is acknowledged) once its notice is queued.
     explicit receiver(const executor_type& ex, std::size_t notice_depth = 64)
@@ -104,9 +105,31 @@ public:
     std::shared_ptr<receiver_state> state_;
   };
 
+  /// Move-only; destroying it closes it (the receiver sees the sender leave, as it would see
+  /// a socket close).
   class connection {
   public:
     using executor_type = Executor;
+    connection(connection&& o) noexcept
+        : executor_(o.executor_), peer_(std::move(o.peer_)), table_(std::move(o.table_)), who_(o.who_),
+          open_(std::exchange(o.open_, false)), delay_(o.delay_), wire_rate_(o.wire_rate_),
+          wire_free_(o.wire_free_) {}
+    connection& operator=(connection&& o) noexcept {
+      if (this != &o) {
+        close();
+        executor_ = o.executor_;
+        peer_ = std::move(o.peer_);
+        table_ = std::move(o.table_);
+        who_ = o.who_;
+        open_ = std::exchange(o.open_, false);
+        delay_ = o.delay_;
+        wire_rate_ = o.wire_rate_;
+        wire_free_ = o.wire_free_;
+      }
+      return *this;
+    }
+    ~connection() { close(); }
+
     executor_type get_executor() const noexcept { return executor_; }
 
     const region_table& remote_regions() const noexcept { return table_; }
@@ -120,7 +143,7 @@ public:
     auto async_write(std::span<const write_request> batch, Token&& token) {
       return asio::async_initiate<Token, void(std::error_code)>(
           [this, batch](auto handler) {
-            if (!open_) {
+            if (!open_ || !peer_) {
               detail::post_completion(executor_, std::move(handler),
                                       make_error_code(errc::not_connected));
               return;
@@ -147,7 +170,7 @@ public:
     auto async_notify(notice_kind kind, std::uint32_t version, Token&& token) {
       return asio::async_initiate<Token, void(std::error_code)>(
           [this, kind, version](auto handler) {
-            if (!open_)
+            if (!open_ || !peer_)
               return detail::post_completion(executor_, std::move(handler),
                                              make_error_code(errc::not_connected));
             if (!peer_->open)
@@ -167,9 +190,10 @@ public:
     void close() noexcept {
       if (!open_) return;
       open_ = false;
+      // async_send, not try_send: a full queue must not lose the leave (it waits its turn).
       if (peer_ && peer_->open)
-        peer_->notices.try_send(make_error_code(errc::peer_disconnected),
-                                notice{who_.sender, notice_kind::abort, 0});
+        peer_->notices.async_send(make_error_code(errc::peer_disconnected),
+                                  notice{who_.sender, notice_kind::abort, 0}, [](std::error_code) {});
     }
 
     /// From now on each write copies and completes `delay` after its initiation, as a NIC

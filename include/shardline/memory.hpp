@@ -193,10 +193,13 @@ public:
 
   /// The region holding all of [address, address + length), or nullptr.
   const remote_region* find(std::uint64_t address, std::uint64_t length) const noexcept {
-    auto it = by_address_.upper_bound(address);
-    if (it == by_address_.begin()) return nullptr;
-    const remote_region& r = regions_[std::prev(it)->second];
-    return r.contains(address, length) ? &r : nullptr;
+    if (auto it = by_address_.upper_bound(address); it != by_address_.begin()) {
+      const remote_region& r = regions_[std::prev(it)->second];
+      if (r.contains(address, length)) return &r;
+    }
+    if (length > 0) return nullptr;
+    const auto e = empty_at_.find(address);
+    return e == empty_at_.end() ? nullptr : &regions_[e->second];
   }
 
   /// Whether every byte of [address, address + length) lies in exposed regions that follow
@@ -344,8 +347,12 @@ private:
     regions_.push_back(std::move(r));
     const remote_region& added = regions_.back();
     by_name_.emplace(added.name, i);
-    // Empty regions hold no byte, so the address index keeps the non-empty one at a start.
-    if (added.length > 0 || !by_address_.count(added.address)) by_address_[added.address] = i;
+    // Empty regions hold no byte: kept out of the address index, whose neighbours find() and
+    // the overlap check trust, they cannot hide a region or an overlap.
+    if (added.length > 0)
+      by_address_.emplace(added.address, i);
+    else
+      empty_at_.emplace(added.address, i);
   }
 
   struct name_hash {
@@ -355,7 +362,8 @@ private:
 
   std::vector<remote_region> regions_;
   std::unordered_map<std::string, std::size_t, name_hash, std::equal_to<>> by_name_;
-  std::map<std::uint64_t, std::size_t> by_address_;
+  std::map<std::uint64_t, std::size_t> by_address_;  // non-empty regions only: they never overlap
+  std::map<std::uint64_t, std::size_t> empty_at_;    // zero-length regions, for find(address, 0)
 };
 
 /// One one-sided write: `source` (inside a registered local region with key

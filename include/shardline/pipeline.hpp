@@ -205,6 +205,7 @@ public:
     parameter_count_ = first;
     receivers_.assign(receivers.size(), nullptr);
     targets_.resize(receivers.size());
+    writes_to_.assign(receivers.size(), false);
     for (std::size_t r = 0; r < receivers.size(); ++r)
       if (receivers[r]) attach_receiver(r, *receivers[r]);
     for (auto& s : scratch_) s.batches.resize(receivers_.size());
@@ -247,6 +248,7 @@ public:
     check_receiver(r);
     targets_[r] = resolve(r, connection.remote_regions());
     receivers_[r] = &connection;
+    writes_to_[r] = std::any_of(targets_[r].begin(), targets_[r].end(), [](auto* t) { return t != nullptr; });
   }
 
   /// Detaches receiver `r` (dead, or scaled away): later updates skip it. Throws
@@ -256,6 +258,7 @@ public:
     check_receiver(r);
     receivers_[r] = nullptr;
     targets_[r].clear();
+    writes_to_[r] = false;
   }
 
   /// Pushes version `version`. Completion signature void(std::exception_ptr, update_report):
@@ -444,8 +447,9 @@ private:
     }
   }
 
-  // Sends `kind` to every attached receiver and waits for every acknowledgement. Returns the
-  // receivers that acknowledged; `failed` gets the first failure (receiver, code).
+  // Sends `kind` to every attached receiver this sender writes to (the others do not count
+  // it among their senders) and waits for every acknowledgement. Returns the receivers that
+  // acknowledged; `failed` gets the first failure (receiver, code).
   asio::awaitable<std::vector<std::size_t>, executor_type> announce(
       update_state& u, notice_kind kind, std::optional<std::pair<std::size_t, std::error_code>>& failed,
       bool cancellable) {
@@ -453,7 +457,7 @@ private:
     std::size_t pending = 0;
     std::vector<std::size_t> acked;
     for (std::size_t r = 0; r < receivers_.size(); ++r) {
-      if (!receivers_[r]) continue;
+      if (!receivers_[r] || !writes_to_[r]) continue;
       ++pending;
       receivers_[r]->async_notify(kind, u.version, [&, r](std::error_code ec) {
         if (!ec) acked.push_back(r);
@@ -825,6 +829,7 @@ private:
   std::vector<std::size_t> free_slots_;
   std::vector<connection_type*> receivers_;
   std::vector<std::vector<const remote_region*>> targets_;  // [receiver][plan position]
+  std::vector<bool> writes_to_;  // [receiver]: this sender writes it at least one byte
   std::vector<std::size_t> bucket_first_;
   std::size_t parameter_count_ = 0;
   std::optional<asio::thread_pool> loader_pool_;

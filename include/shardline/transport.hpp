@@ -41,7 +41,7 @@ struct notice {
 };
 
 /// Who a sender is, said at connect time: its id (trainer rank) and the fingerprint of the
-/// plan it was built from (0: no plan, accepted by any receiver).
+/// plan it was built from (0: no plan; only a receiver that admits any plan accepts it).
 struct sender_identity {
   std::uint32_t sender = 0;
   std::uint64_t plan_fingerprint = 0;

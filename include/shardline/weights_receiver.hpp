@@ -10,7 +10,11 @@
 #include <shardline/transport.hpp>
 
 #include <asio/async_result.hpp>
+#include <asio/associated_executor.hpp>
+#include <asio/bind_executor.hpp>
 #include <asio/compose.hpp>
+#include <asio/dispatch.hpp>
+#include <asio/experimental/append.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -60,6 +64,7 @@ public:
                    std::size_t alignment = 256)
       : endpoint_(endpoint), parameters_(std::move(parameters)), quorum_{0} {
     lay_out(alignment);
+    endpoint_.admit({1, 0});
   }
 
   /// Lays out what receiver `receiver` of `plan` holds, accepts exactly the plan's senders
@@ -108,14 +113,17 @@ public:
   std::optional<std::uint32_t> committed_version() const noexcept { return state_.committed; }
   /// Clean, or dirty with the version it was moving to, since when and why.
   const memory_state& state() const noexcept { return state_; }
+  /// Why the last notice was refused (errc::unknown_sender, errc::stale_version), naming the sender.
+  const std::string& last_refusal() const noexcept { return last_refusal_; }
 
   /// Completion void(std::error_code, std::uint32_t version). Succeeds when a version
   /// commits: every sender of the quorum committed it, so every byte of it is here. Fails
   /// with errc::version_abandoned (and that version) when the version in progress can no
   /// longer commit: a sender of the quorum aborted it, withdrew it, or disconnected while
-  /// writing it (state().reason names the sender); the next version starts afresh. Fails
-  /// with errc::unknown_sender for a notice from a sender outside the quorum, and with the
-  /// endpoint's error when it is closed. A sender that disconnects between versions is not
+  /// writing it (state().reason names the sender); the next version, or a new attempt at
+  /// the same one, starts afresh. Fails with errc::unknown_sender for a notice from a sender
+  /// outside the quorum, errc::stale_version for a begin at or below the committed version
+  /// (last_refusal() names the sender), and with the endpoint's error when it is closed. A sender that disconnects between versions is not
   /// an error (a restarted trainer reconnects).
   template <class Token>
   auto async_wait_commit(Token&& token) {
@@ -126,18 +134,30 @@ public:
 private:
   struct commit_op {
     weights_receiver* self;
-    bool started = false;
+    enum class step { start, wait, done } at = step::start;
     template <class Self>
     void operator()(Self& op, std::error_code ec = {}, notice n = {}) {
-      if (started) {
-        if (auto outcome = self->take(ec, n)) return op.complete(outcome->first, outcome->second);
+      if (at == step::done) return op.complete(ec, n.version);
+      if (at == step::wait) {
+        if (auto outcome = self->take(ec, n)) {
+          // take() ran on the endpoint's executor; the handler completes on its own.
+          at = step::done;
+          const auto ex = asio::get_associated_executor(op, self->endpoint_.get_executor());
+          return asio::dispatch(ex, asio::experimental::append(std::move(op), outcome->first,
+                                                               notice{0, notice_kind::commit, outcome->second}));
+        }
       }
-      started = true;
-      self->endpoint_.async_wait_notification(std::move(op));
+      at = step::wait;
+      // Notices are taken on the endpoint's executor whatever the handler's (use_future's is
+      // the system pool): neither this object nor the endpoint is thread-safe.
+      self->endpoint_.async_wait_notification(asio::bind_executor(self->endpoint_.get_executor(), std::move(op)));
     }
   };
 
   void lay_out(std::size_t alignment) {
+    if (alignment == 0 || (alignment & (alignment - 1)) != 0)
+      throw error(make_error_code(errc::invalid_argument),
+                  "weights_receiver: alignment " + std::to_string(alignment) + " is not a power of two");
     std::vector<std::uint64_t> offsets;
     std::uint64_t total = 0;
     for (const auto& p : parameters_) {
@@ -174,7 +194,10 @@ private:
       if (element > 1 && reinterpret_cast<std::uintptr_t>(t.bytes.data()) % element != 0)
         throw fail(errc::invalid_argument, "tensor '" + t.name + "' is not aligned to its " +
                                                std::to_string(element) + "-byte elements");
-      if (!t.bytes.empty()) by_address.emplace(t.bytes.data(), i);
+      if (t.bytes.empty()) continue;
+      if (const auto [at, inserted] = by_address.emplace(t.bytes.data(), i); !inserted)
+        throw fail(errc::invalid_argument,
+                   "tensors '" + tensors[at->second].name + "' and '" + t.name + "' overlap");
     }
     // Sorted by address, an overlap can only be with the next tensor.
     for (auto it = by_address.begin(); it != by_address.end(); ++it) {
@@ -196,6 +219,10 @@ private:
         throw fail(errc::layout_mismatch, "tensor '" + p.name + "' is " + to_string(held) + ", the plan sends " +
                                               to_string(planned));
     }
+    if constexpr (requires { Receiver::destination_kinds; })
+      for (const auto& p : parameters_)
+        require_kind(Receiver::destination_kinds, tensors[by_name.at(p.name)].location, "the transport",
+                     "tensor '" + p.name + "'");
     for (const auto& p : parameters_) {
       auto& t = tensors[by_name.at(p.name)];
       endpoint_.expose({p.name, t.bytes, t.location, tensor_layout{t.type, t.shape}});
@@ -225,10 +252,17 @@ private:
     }
     if (ec) return std::pair{ec, std::uint32_t{0}};
     if (!in_quorum(n.sender)) {
-      state_.reason = who + " sent a " + std::string(to_string(n.kind)) + " notice but is not a sender of this receiver";
+      last_refusal_ = who + " sent a " + std::string(to_string(n.kind)) + " notice but is not a sender of this receiver";
       return std::pair{make_error_code(errc::unknown_sender), n.version};
     }
-    if (n.kind == notice_kind::begin && (!active_ || n.version != target_)) {
+    // Versions move forward: one at or below the last committed is a stale notice, refused.
+    if (state_.committed && n.version <= *state_.committed && n.kind == notice_kind::begin) {
+      last_refusal_ = who + " began version " + std::to_string(n.version) + ", not after the committed version " +
+                      std::to_string(*state_.committed);
+      return std::pair{make_error_code(errc::stale_version), n.version};
+    }
+    // A new version, or a new attempt at an abandoned one (a restarted trainer pushes it again).
+    if (n.kind == notice_kind::begin && (!active_ || n.version != target_ || abandoned_)) {
       active_ = true;
       target_ = n.version;
       abandoned_ = false;
@@ -266,13 +300,14 @@ private:
       case notice_kind::withdraw: {
         began_.erase(std::remove(began_.begin(), began_.end(), n.sender), began_.end());
         // Nothing of this version was written by anyone: the memory is as it was.
+        const bool was_abandoned = abandoned_;
+        abandon(who + " withdrew" + about + " before writing any of it");
         if (began_.empty() && clean_before_) {
           state_.dirty = false;
           state_.reason.clear();
           active_ = false;
         }
-        if (abandoned_) return std::nullopt;
-        abandon(who + " withdrew" + about + " before writing any of it");
+        if (was_abandoned) return std::nullopt;
         return std::pair{make_error_code(errc::version_abandoned), n.version};
       }
     }
@@ -290,6 +325,7 @@ private:
   std::span<std::byte> arena_;
   std::unordered_map<std::string, std::span<std::byte>> spans_;
   memory_state state_;
+  std::string last_refusal_;
   // The version in progress: who began it, who committed it, whether it can still commit.
   bool active_ = false;
   bool abandoned_ = false;

@@ -54,17 +54,8 @@ std::vector<sl::parameter_descriptor> tiny_model(int layers = 2) {
 // What receiver r must hold for `version`, derived from the plan independently of the pipeline.
 std::vector<std::byte> expected(const sl::transfer_plan& plan, std::size_t r,
                                 const sl::parameter_descriptor& exposed, std::uint32_t version) {
-  const auto* p = plan.find(exposed.name);
-  REQUIRE(p != nullptr);
-  std::vector<std::byte> full(p->parameter.destination.bytes());
-  for (const auto& s : p->parameter.shards)
-    for (std::size_t i = 0; i < s.tensor.bytes(); ++i)
-      full[s.offset + i] = pattern(s.tensor.name, version, i);
-  std::vector<std::byte> mine(exposed.bytes());
-  for (const auto& w : p->writes)
-    if (w.receiver == r)
-      std::memcpy(mine.data() + w.destination_offset, full.data() + w.staging_offset, w.bytes);
-  return mine;
+  REQUIRE(plan.find(exposed.name) != nullptr);
+  return sl::testing::expected_bytes(plan, r, exposed, version);
 }
 
 // Runs handlers until `done()`; fails instead of hanging when nothing happens for 20 s.
