@@ -1,5 +1,5 @@
-// Uses the installed core the way a user would: the umbrella header, an io_context, and one
-// notified write over the loopback transport, checked byte for byte.
+// Uses the installed core the way a user would: the umbrella header, an io_context, one
+// write and an acknowledged commit notice over the loopback transport, checked byte for byte.
 #include <shardline/shardline.hpp>
 
 #include <asio/io_context.hpp>
@@ -28,19 +28,25 @@ int main() {
 
   std::error_code write_ec = make_error_code(std::errc::operation_in_progress);
   std::error_code notify_ec = write_ec;
-  std::uint32_t version = 0;
-  receiver.async_wait_notification([&](std::error_code ec, std::uint32_t v) {
+  std::error_code ack_ec = write_ec;
+  shardline::notice seen{};
+  receiver.async_wait_notification([&](std::error_code ec, shardline::notice n) {
     notify_ec = ec;
-    version = v;
+    seen = n;
   });
-  conn.async_write_notify(batch, 1, [&](std::error_code ec) { write_ec = ec; });
+  conn.async_write(batch, [&](std::error_code ec) {
+    write_ec = ec;
+    conn.async_notify(shardline::notice_kind::commit, 1, [&](std::error_code e) { ack_ec = e; });
+  });
   io.run();
 
-  if (write_ec || notify_ec || version != 1 || std::memcmp(param.data(), staging, 64) != 0) {
-    std::fprintf(stderr, "consumer: write=%s notify=%s version=%u\n", write_ec.message().c_str(),
-                 notify_ec.message().c_str(), version);
+  const std::uint32_t version = seen.version;
+  if (write_ec || notify_ec || ack_ec || seen.kind != shardline::notice_kind::commit || version != 1 ||
+      std::memcmp(param.data(), staging, 64) != 0) {
+    std::fprintf(stderr, "consumer: write=%s notify=%s ack=%s version=%u\n", write_ec.message().c_str(),
+                 notify_ec.message().c_str(), ack_ec.message().c_str(), version);
     return 1;
   }
-  std::puts("consumer: installed shardline works (64 bytes written, version 1 notified)");
+  std::puts("consumer: installed shardline works (64 bytes written, version 1 committed and acknowledged)");
   return 0;
 }
