@@ -24,6 +24,75 @@
 
 namespace shardline {
 
+namespace detail {
+// A flat open-addressing table of names for 10^5-entry models: node-based hash tables pay
+// several cache misses per insert there. It stores ids chosen by the caller (indices into the
+// caller's arrays) with a hash fragment; `name_of(id)` gives an id's name, and is called only
+// when the fragments agree. Holding no pointers, it stays valid when its owner is copied.
+class name_table {
+public:
+  static constexpr std::size_t npos = std::numeric_limits<std::size_t>::max();
+
+  name_table() = default;
+  explicit name_table(std::size_t names) { reserve(names); }
+
+  // Empties the table and makes room for `names` names without growing.
+  void reserve(std::size_t names) {
+    std::size_t size = 8;
+    while (size < 2 * names) size *= 2;
+    slots_.assign(size, slot{});
+    count_ = 0;
+  }
+
+  // The id stored under `name`, or npos.
+  template <class NameOf>
+  std::size_t find(std::string_view name, const NameOf& name_of) const {
+    if (slots_.empty()) return npos;
+    const std::size_t h = std::hash<std::string_view>{}(name), mask = slots_.size() - 1;
+    for (std::size_t i = h & mask; slots_[i].id != 0; i = (i + 1) & mask)
+      if (slots_[i].hash == fragment(h) && name_of(slots_[i].id - 1) == name) return slots_[i].id - 1;
+    return npos;
+  }
+
+  // The id already stored under `name`, or npos after storing `id` (below 2^32 - 1) under it.
+  template <class NameOf>
+  std::size_t insert(std::string_view name, std::size_t id, const NameOf& name_of) {
+    if (2 * (count_ + 1) > slots_.size()) grow(name_of);
+    const std::size_t h = std::hash<std::string_view>{}(name), mask = slots_.size() - 1;
+    std::size_t i = h & mask;
+    for (; slots_[i].id != 0; i = (i + 1) & mask)
+      if (slots_[i].hash == fragment(h) && name_of(slots_[i].id - 1) == name) return slots_[i].id - 1;
+    slots_[i] = {fragment(h), static_cast<std::uint32_t>(id + 1)};
+    ++count_;
+    return npos;
+  }
+
+private:
+  struct slot {
+    std::uint32_t hash = 0;
+    std::uint32_t id = 0;  // id + 1; 0: empty
+  };
+  // The high half: the low bits pick the slot already.
+  static std::uint32_t fragment(std::size_t h) noexcept {
+    return static_cast<std::uint32_t>(static_cast<std::uint64_t>(h) >> 32);
+  }
+  template <class NameOf>
+  void grow(const NameOf& name_of) {
+    std::vector<slot> old = std::move(slots_);
+    slots_.assign(std::max<std::size_t>(8, 2 * old.size()), slot{});
+    const std::size_t mask = slots_.size() - 1;
+    for (const slot& s : old) {
+      if (s.id == 0) continue;
+      std::size_t i = std::hash<std::string_view>{}(name_of(s.id - 1)) & mask;
+      while (slots_[i].id != 0) i = (i + 1) & mask;
+      slots_[i] = s;
+    }
+  }
+  std::vector<slot> slots_;
+  std::size_t count_ = 0;
+};
+}  // namespace detail
+
 /// One source tensor of the trainer feeding one destination parameter.
 struct shard_source {
   parameter_descriptor tensor;  ///< the source tensor, in the destination dtype
@@ -64,6 +133,11 @@ struct fused_parameter {
 /// new dim 0: [E, sum a_i, T...], expert e's member m at shard e * members.size() + m. Every
 /// member (of every expert) must be present exactly once, experts numbered 0..E-1, all with
 /// one dtype and the same T...; experts must agree in shape.
+///
+/// Cost. std::regex takes microseconds per name, which adds up to seconds at 10^5 tensors:
+/// rules from concat() and experts() are matched by hand instead, with exactly the result of
+/// their pattern. A rule built from a pattern is tried only on names that contain one of its
+/// members.
 class fusion_rule {
 public:
   /// What a rule makes of one source name.
@@ -110,17 +184,24 @@ public:
   /// <p>.<member>.<s> -> <p>.<fused>.<s>, members concatenated on dim 0 in the given order.
   /// Example: concat({"q_proj", "k_proj", "v_proj"}, "qkv_proj").
   static fusion_rule concat(const std::vector<std::string>& members, const std::string& fused) {
-    return {"^(.+)\\.(" + alternatives(members) + ")\\.(.+)$", "$1." + format_literal(fused) + ".$3",
-            2, members};
+    fusion_rule r{"^(.+)\\.(" + alternatives(members) + ")\\.(.+)$",
+                  "$1." + format_literal(fused) + ".$3", 2, members};
+    r.form_ = form::concat;
+    r.fused_ = fused;
+    return r;
   }
 
   /// <p>.experts.<N>.<member>.<suffix> -> <p>.experts.<fused>, experts stacked on a new dim 0.
   /// Example: experts({"gate_proj", "up_proj"}, "w13_weight") gives [E, 2I, H].
   static fusion_rule experts(const std::vector<std::string>& members, const std::string& fused,
                              const std::string& suffix = "weight") {
-    return {"^(.+)\\.experts\\.([0-9]+)\\.(" + alternatives(members) + ")\\." +
-                regex_literal(suffix) + "$",
-            "$1.experts." + format_literal(fused), 3, members, 2};
+    fusion_rule r{"^(.+)\\.experts\\.([0-9]+)\\.(" + alternatives(members) + ")\\." +
+                      regex_literal(suffix) + "$",
+                  "$1.experts." + format_literal(fused), 3, members, 2};
+    r.form_ = form::experts;
+    r.fused_ = fused;
+    r.suffix_ = suffix;
+    return r;
   }
 
   const std::string& pattern() const noexcept { return pattern_; }
@@ -132,6 +213,15 @@ public:
   /// Throws shardline::error(errc::invalid_argument) naming the source when its expert index
   /// does not fit a std::size_t.
   std::optional<match_result> match(const std::string& source) const {
+    // std::regex costs microseconds per name and models have 100k tensors: the factory
+    // patterns have a fixed shape and are matched by hand, with the regex's exact semantics.
+    if (form_ == form::concat) return match_concat(source);
+    if (form_ == form::experts) return match_experts(source);
+    // The member group must equal a member, so a name that contains none cannot match.
+    if (std::none_of(members_.begin(), members_.end(), [&source](const std::string& m) {
+          return source.find(m) != std::string::npos;
+        }))
+      return std::nullopt;
     std::smatch m;
     if (!std::regex_match(source, m, regex_)) return std::nullopt;
     if (!m[member_group_].matched) return std::nullopt;
@@ -140,19 +230,75 @@ public:
     match_result r{m.format(destination_), static_cast<std::size_t>(it - members_.begin()), {}};
     if (expert_group_ != 0) {
       if (!m[expert_group_].matched) return std::nullopt;
-      const std::string digits = m[expert_group_].str();
-      std::size_t e = 0;
-      const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), e);
-      if (ec != std::errc{} || end != digits.data() + digits.size())
-        throw error(make_error_code(errc::invalid_argument),
-                    "shard_map: source tensor '" + source + "': expert index '" + digits +
-                        "' is not a decimal index (rule '" + pattern_ + "')");
-      r.expert = e;
+      r.expert = expert_index(source, m[expert_group_].str());
     }
     return r;
   }
 
 private:
+  enum class form : std::uint8_t { pattern, concat, experts };
+
+  std::size_t expert_index(const std::string& source, std::string_view digits) const {
+    std::size_t e = 0;
+    const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), e);
+    if (ec != std::errc{} || end != digits.data() + digits.size())
+      throw error(make_error_code(errc::invalid_argument),
+                  "shard_map: source tensor '" + source + "': expert index '" + std::string(digits) +
+                      "' is not a decimal index (rule '" + pattern_ + "')");
+    return e;
+  }
+
+  // ECMAScript's '.' matches anything but a line terminator ('\n', '\r' for char).
+  static bool any_line_terminator(std::string_view s) noexcept {
+    return std::any_of(s.begin(), s.end(), [](char c) { return c == '\n' || c == '\r'; });
+  }
+
+  // ^(.+)\.(m0|m1|...)\.(.+)$ -> $1.<fused>.$3. Backtracking order: the greedy $1 tries the
+  // longest prefix first (the last dot first), then the members in order; $1 and $3 must be
+  // non-empty and free of line terminators.
+  std::optional<match_result> match_concat(const std::string& s) const {
+    const std::string_view v = s;
+    for (std::size_t dot = v.rfind('.'); dot != std::string::npos && dot >= 1;
+         dot = v.rfind('.', dot - 1)) {
+      for (std::size_t i = 0; i < members_.size(); ++i) {
+        const std::string& m = members_[i];
+        const std::size_t after = dot + 1 + m.size();
+        if (after + 1 < v.size() && v[after] == '.' && v.substr(dot + 1, m.size()) == m &&
+            !any_line_terminator(v.substr(0, dot)) && !any_line_terminator(v.substr(after + 1)))
+          return match_result{s.substr(0, dot + 1) + fused_ + s.substr(after), i, {}};
+      }
+    }
+    return std::nullopt;
+  }
+
+  // ^(.+)\.experts\.([0-9]+)\.(m0|m1|...)\.<suffix>$ -> $1.experts.<fused>. The suffix is fixed,
+  // the digits run up to the next '.', so every occurrence of ".experts." (the last first, as
+  // the greedy $1 tries them) leaves exactly one candidate member.
+  std::optional<match_result> match_experts(const std::string& s) const {
+    constexpr std::string_view experts = ".experts.";
+    if (s.size() < suffix_.size() + 1 || !std::string_view(s).ends_with(suffix_) ||
+        s[s.size() - suffix_.size() - 1] != '.')
+      return std::nullopt;
+    const std::size_t member_end = s.size() - suffix_.size() - 1;
+    // Walks the dots back: std::string::rfind of a string compares at every position.
+    const std::string_view v = s;
+    for (std::size_t at = v.rfind('.', member_end - 1); at != std::string::npos && at >= 1;
+         at = v.rfind('.', at - 1)) {
+      if (v.substr(at, experts.size()) != experts) continue;
+      const std::size_t first_digit = at + experts.size();
+      std::size_t digit_end = first_digit;
+      while (digit_end < s.size() && s[digit_end] >= '0' && s[digit_end] <= '9') ++digit_end;
+      if (digit_end == first_digit || digit_end >= member_end || s[digit_end] != '.') continue;
+      const std::string_view member(s.data() + digit_end + 1, member_end - digit_end - 1);
+      const auto it = std::find(members_.begin(), members_.end(), member);
+      if (it == members_.end() || any_line_terminator(v.substr(0, at))) continue;
+      return match_result{s.substr(0, at + experts.size()) + fused_,
+                          static_cast<std::size_t>(it - members_.begin()),
+                          expert_index(s, v.substr(first_digit, digit_end - first_digit))};
+    }
+    return std::nullopt;
+  }
+
   static std::string regex_literal(const std::string& s) {
     std::string out;
     for (char c : s) {
@@ -181,6 +327,9 @@ private:
   std::size_t member_group_;
   std::size_t expert_group_;
   std::regex regex_;
+  form form_ = form::pattern;
+  std::string fused_;   // concat, experts: the fused name, verbatim
+  std::string suffix_;  // experts: the name's last component
 };
 
 /// Rules that fuse source tensors into destination parameters. Rules are tried in the order
@@ -226,45 +375,47 @@ public:
       std::size_t expert = 0, member = 0, source = 0;
     };
     struct group {
-      std::string destination;
+      std::string destination;  // empty for a 1:1 group, named by its source
       std::size_t rule = no_rule;
-      std::vector<member_entry> entries;
+      std::size_t first = 0;  // its first source
+      std::vector<member_entry> entries;  // rule groups only
     };
     std::vector<group> groups;
-    std::unordered_map<std::string, std::size_t> by_destination;
-    std::unordered_set<std::string_view> seen;
+    const auto source_name = [&sources](std::size_t i) -> std::string_view { return sources[i].name; };
+    const auto group_name = [&groups, &source_name](std::size_t g) -> std::string_view {
+      return groups[g].rule == no_rule ? source_name(groups[g].first) : groups[g].destination;
+    };
+    detail::name_table seen(sources.size()), by_destination(sources.size());
 
     for (std::size_t i = 0; i < sources.size(); ++i) {
       const parameter_descriptor& s = sources[i];
       validate_source(s);
-      if (!seen.insert(s.name).second)
+      if (seen.insert(s.name, i, source_name) != detail::name_table::npos)
         throw error(make_error_code(errc::invalid_argument),
                     "shard_map: source tensor '" + s.name + "' given twice");
       std::size_t rule = no_rule;
-      fusion_rule::match_result m{s.name, 0, {}};
+      std::optional<fusion_rule::match_result> m;
       for (std::size_t r = 0; r < rules_.size() && rule == no_rule; ++r)
-        if (auto found = rules_[r].match(s.name)) {
-          rule = r;
-          m = std::move(*found);
-        }
-      auto [it, inserted] = by_destination.try_emplace(m.destination, groups.size());
-      if (inserted) {
-        groups.push_back({m.destination, rule, {}});
-      } else if (groups[it->second].rule != rule) {
-        const group& g = groups[it->second];
+        if ((m = rules_[r].match(s.name))) rule = r;
+      const std::string_view destination = m ? std::string_view(m->destination) : s.name;
+      std::size_t g = by_destination.insert(destination, groups.size(), group_name);
+      if (g == detail::name_table::npos) {
+        g = groups.size();
+        groups.push_back({m ? std::move(m->destination) : std::string(), rule, i, {}});
+      } else if (groups[g].rule != rule) {
         throw error(make_error_code(errc::invalid_argument),
-                    "shard_map: destination '" + m.destination + "' is produced from '" +
-                        sources[g.entries.front().source].name + "' by " + rule_name(g.rule) +
+                    "shard_map: destination '" + std::string(destination) + "' is produced from '" +
+                        sources[groups[g].first].name + "' by " + rule_name(groups[g].rule) +
                         " and from '" + s.name + "' by " + rule_name(rule));
       }
-      groups[it->second].entries.push_back({m.expert.value_or(0), m.member, i});
+      if (m) groups[g].entries.push_back({m->expert.value_or(0), m->member, i});
     }
 
     std::vector<fused_parameter> fused;
     fused.reserve(groups.size());
     for (auto& g : groups) {
       if (g.rule == no_rule) {
-        const parameter_descriptor& s = sources[g.entries.front().source];
+        const parameter_descriptor& s = sources[g.first];
         fused.push_back({s, {{s, 0, 0, s.name}}});
       } else {
         fused.push_back(fuse_group(rules_[g.rule], g.destination, g.entries, sources));

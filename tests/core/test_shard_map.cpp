@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <random>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -346,4 +347,77 @@ TEST_CASE("shard_map: malformed rules are errors naming the pattern") {
   check_error([] { sl::fusion_rule("(a)", "$1", 1, {}); }, sl::errc::invalid_argument, {"'(a)'", "no members"});
   check_error([] { sl::fusion_rule("(a)", "$1", 1, {"a", "a"}); }, sl::errc::invalid_argument,
               {"member 'a' listed twice"});
+}
+
+namespace {
+
+// What a rule makes of a name, as text: its match, "none", or the error it throws.
+std::string outcome(const sl::fusion_rule& rule, const std::string& name) {
+  try {
+    const auto m = rule.match(name);
+    if (!m) return "none";
+    return m->destination + " | member " + std::to_string(m->member) + " | expert " +
+           (m->expert ? std::to_string(*m->expert) : "-");
+  } catch (const sl::error& e) {
+    return std::string("error: ") + e.what();
+  }
+}
+
+}  // namespace
+
+TEST_CASE("shard_map: the factory rules match exactly as their regular expressions do") {
+  // concat and experts rules are matched without std::regex; the same pattern given to the
+  // constructor is matched by std::regex. Names from pieces that make the patterns match,
+  // nearly match, or hold line terminators ('.' of ECMAScript does not match them).
+  const std::vector<sl::fusion_rule> rules{
+      sl::fusion_rule::concat({"q_proj", "k_proj", "v_proj"}, "qkv_proj"),
+      sl::fusion_rule::concat({"gate_proj", "up_proj"}, "gate_up_proj"),
+      sl::fusion_rule::experts({"gate_proj", "up_proj"}, "w13_weight"),
+      sl::fusion_rule::experts({"down_proj"}, "w2_weight"),
+      sl::fusion_rule::experts({"w1", "w3"}, "w$13", "w"),
+      sl::fusion_rule::concat({"gate", "gate.up", ""}, "g$u"),
+  };
+  const std::vector<std::string> pieces{
+      "model", "layers", "0", "17", "007", "99999999999999999999999", "experts", "q_proj", "k_proj",
+      "v_proj", "gate_proj", "up_proj", "down_proj", "gate", "gate.up", "w1", "w3", "w", "weight",
+      "bias", "", "a\nb", "\r", "x.experts", "experts.3"};
+  std::mt19937 rng(2024);
+  const auto pick = [&rng](std::size_t n) { return std::uniform_int_distribution<std::size_t>(0, n - 1)(rng); };
+  std::size_t matched = 0;
+  for (const auto& rule : rules) {
+    const sl::fusion_rule regex(rule.pattern(), rule.destination(), rule.stacks_experts() ? 3 : 2, rule.members(),
+                                rule.stacks_experts() ? 2 : 0);
+    for (int i = 0; i < 1500; ++i) {
+      std::string name;
+      if (i % 2 == 0) {
+        // The rule's shape: prefix [.experts.N].member.suffix, with random pieces swapped in.
+        name = pieces[pick(pieces.size())] + "." + pieces[pick(pieces.size())];
+        if (rule.stacks_experts()) name += ".experts." + pieces[pick(5) + 2];
+        name += "." + (pick(3) ? rule.members()[pick(rule.members().size())] : pieces[pick(pieces.size())]);
+        name += "." + (pick(3) ? std::string(rule.stacks_experts() && rule.members()[0] == "w1" ? "w" : "weight")
+                               : pieces[pick(pieces.size())]);
+      } else {
+        for (std::size_t n = pick(6) + 1; n > 0; --n) name += (name.empty() && pick(2) ? "" : ".") + pieces[pick(pieces.size())];
+      }
+      INFO("rule " << rule.pattern() << " name '" << name << "'");
+      const std::string expected = outcome(regex, name);
+      CHECK(outcome(rule, name) == expected);
+      matched += expected != "none";
+    }
+  }
+  CHECK(matched > 1000);  // the names above do exercise matches
+}
+
+TEST_CASE("shard_map: the name table finds every name it stored, also past its reservation") {
+  std::vector<std::string> names;
+  for (int i = 0; i < 5000; ++i) names.push_back("model.layers." + std::to_string(i) + ".mlp.weight");
+  const auto name_of = [&names](std::size_t i) -> std::string_view { return names[i]; };
+  sl::detail::name_table table(10);  // grows as names come
+  for (std::size_t i = 0; i < names.size(); ++i) CHECK(table.insert(names[i], i, name_of) == table.npos);
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    CHECK(table.find(names[i], name_of) == i);
+    CHECK(table.insert(names[i], names.size(), name_of) == i);  // already there: the first id
+  }
+  CHECK(table.find("model.layers.5000.mlp.weight", name_of) == table.npos);
+  CHECK(sl::detail::name_table().find("x", name_of) == sl::detail::name_table::npos);
 }

@@ -6,7 +6,9 @@
 #include <cstdint>
 #include <initializer_list>
 #include <map>
+#include <functional>
 #include <random>
+#include <set>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -121,7 +123,10 @@ TEST_CASE("transfer_plan: replicas repeat the same writes per receiver group") {
   std::vector<sl::planned_write> r1, r3;
   for (auto w : qkv->writes) {
     if (w.receiver == 1) r1.push_back(w);
-    if (w.receiver == 3) r3.push_back({1, w.staging_offset, w.destination_offset, w.bytes});
+    if (w.receiver == 3) {
+      w.receiver = 1;
+      r3.push_back(w);
+    }
   }
   CHECK(!r1.empty());
   CHECK(r1 == r3);
@@ -153,9 +158,10 @@ TEST_CASE("transfer_plan: a row split takes each shard's rows, as vLLM lays out 
   for (auto w : qkv->writes)
     if (w.receiver == 1) rank1.push_back(w);
   const std::uint64_t row = hidden * 2, q = hidden * row, k = kv * row;
-  CHECK(rank1 == std::vector<sl::planned_write>{{1, q / 2, 0, q / 2},
-                                                {1, q + k / 2, q / 2, k / 2},
-                                                {1, q + k + k / 2, q / 2 + k / 2, k / 2}});
+  // receiver, staging, destination, bytes, sender, shard
+  CHECK(rank1 == std::vector<sl::planned_write>{{1, q / 2, 0, q / 2, 0, 0},
+                                                {1, q + k / 2, q / 2, k / 2, 0, 1},
+                                                {1, q + k + k / 2, q / 2 + k / 2, k / 2, 0, 2}});
   // Rank 0's q and k halves are not adjacent in staging: nothing to coalesce either.
   CHECK(qkv->writes.size() == 6);
 }
@@ -480,14 +486,21 @@ std::vector<std::uint64_t> reference(const random_model& m, const logical_parame
   return mine;
 }
 
+void check_senders(const sl::transfer_plan& plan, const std::map<std::string, std::size_t>& id);
+
 void check_tiling(const random_model& m, std::size_t tp, std::size_t replicas, std::uint64_t budget,
-                  std::uint64_t alignment, std::uint32_t salt) {
+                  std::uint64_t alignment, std::uint32_t salt, std::size_t senders = 1) {
   sl::plan_options o;
   o.tensor_parallel = tp;
   o.replicas = replicas;
   o.bucket_bytes = budget;
   o.staging_alignment = alignment;
   o.split = [salt](const sl::parameter_descriptor& p) { return split_for(p.name, salt); };
+  o.senders = senders;
+  if (senders > 1)
+    o.sender_of = [salt, senders](const sl::parameter_descriptor& p) {
+      return static_cast<std::size_t>(split_for(p.name, salt + 101) == sl::tp_split::rows ? 0 : std::hash<std::string>{}(p.name)) % senders;
+    };
   const auto plan = sl::transfer_plan::build(m.tensors, sl::shard_map::standard(), o);
   REQUIRE(plan.receivers() == tp * replicas);
 
@@ -562,21 +575,545 @@ void check_tiling(const random_model& m, std::size_t tp, std::size_t replicas, s
       CHECK(not_once == 0);
     }
   }
+  check_senders(plan, m.id);
 }
 
 }  // namespace
 
-TEST_CASE("transfer_plan: every receiver byte is written exactly once, from the right source element") {
+TEST_CASE("transfer_plan: every receiver byte is written exactly once, from the right source element, "
+          "by one or several senders") {
   for (std::uint32_t seed = 1; seed <= 12; ++seed) {
     std::mt19937 rng(seed);
     const random_model m = make_random_model(rng);
     const std::uint64_t budget = std::uniform_int_distribution<std::uint64_t>(64, 8192)(rng);
     const std::uint64_t alignment = std::uint64_t(1) << std::uniform_int_distribution<int>(0, 8)(rng);
     for (std::size_t tp : {1, 2, 4})
-      for (std::size_t replicas : {1, 2}) {
-        INFO("seed " << seed << " tp " << tp << " replicas " << replicas << " budget " << budget
-                     << " alignment " << alignment);
-        check_tiling(m, tp, replicas, budget, alignment, seed);
-      }
+      for (std::size_t replicas : {1, 2})
+        for (std::size_t senders : {1, 3}) {
+          INFO("seed " << seed << " tp " << tp << " replicas " << replicas << " budget " << budget
+                       << " alignment " << alignment << " senders " << senders);
+          check_tiling(m, tp, replicas, budget, alignment, seed, senders);
+        }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Senders. A sender plan's writes, from the sender's compact staging image, must put into every
+// receiver exactly the bytes the full plan does, and together every byte exactly once.
+
+namespace {
+
+// Receiver memory as tags (see tag()), and how often each byte was written.
+struct receiver_memory {
+  std::vector<std::map<std::string, std::vector<std::uint64_t>>> bytes;
+  std::vector<std::map<std::string, std::vector<int>>> count;
+};
+
+receiver_memory blank_memory(const sl::transfer_plan& full) {
+  receiver_memory m;
+  m.bytes.resize(full.receivers());
+  m.count.resize(full.receivers());
+  for (std::size_t r = 0; r < full.receivers(); ++r)
+    for (const auto& p : full.receiver_parameters(r)) {
+      m.bytes[r][p.name].assign(p.bytes(), 0);
+      m.count[r][p.name].assign(p.bytes(), 0);
+    }
+  return m;
+}
+
+// Loads every bucket of `plan` as a loader would (each shard's tags at its offset) and applies
+// its writes to `memory`.
+void apply(const sl::transfer_plan& plan, const std::map<std::string, std::size_t>& id, receiver_memory& memory) {
+  for (const auto& b : plan.buckets()) {
+    std::vector<std::uint64_t> slot(b.staging_bytes, 0);
+    for (const auto& p : b.parameters) {
+      for (const auto& s : p.parameter.shards) {
+        REQUIRE(p.staging_offset + s.offset + s.tensor.bytes() <= slot.size());
+        for (std::uint64_t k = 0; k < s.tensor.bytes(); ++k)
+          slot[p.staging_offset + s.offset + k] = tag(id.at(s.tensor.name), k);
+      }
+      for (const auto& w : p.writes) {
+        REQUIRE(w.staging_offset + w.bytes <= p.staging_bytes);
+        auto& dst = memory.bytes.at(w.receiver).at(p.slice.name);
+        auto& cnt = memory.count.at(w.receiver).at(p.slice.name);
+        REQUIRE(w.destination_offset + w.bytes <= dst.size());
+        for (std::uint64_t k = 0; k < w.bytes; ++k) {
+          dst[w.destination_offset + k] = slot[p.staging_offset + w.staging_offset + k];
+          ++cnt[w.destination_offset + k];
+        }
+      }
+    }
+  }
+}
+
+// Checks a sender plan's buckets, positions and compact staging images against its full plan.
+void check_sender_plan(const sl::transfer_plan& plan, const sl::transfer_plan& sp, std::uint32_t s) {
+  CHECK(sp.is_sender_plan());
+  CHECK(sp.sender() == std::optional<std::size_t>(s));
+  CHECK(sp.senders() == plan.senders());
+  CHECK(sp.receivers() == plan.receivers());
+  CHECK(sp.fingerprint() == plan.fingerprint());
+  for (std::size_t r = 0; r < plan.receivers(); ++r) CHECK(sp.receiver_senders(r) == plan.receiver_senders(r));
+
+  // Exactly the parameters of which s holds a shard, in plan order.
+  std::vector<std::size_t> expected;
+  for (std::size_t i = 0; i < plan.parameter_count(); ++i) {
+    const auto& owners = plan.parameter(i).shard_senders;
+    if (std::find(owners.begin(), owners.end(), s) != owners.end()) expected.push_back(i);
+  }
+  REQUIRE(sp.parameter_count() == expected.size());
+
+  std::size_t position = 0;
+  std::uint64_t total = 0, largest = 0;
+  for (const auto& b : sp.buckets()) {
+    REQUIRE(!b.parameters.empty());
+    CHECK(b.first == position);
+    CHECK((b.staging_bytes <= plan.bucket_bytes() || b.parameters.size() == 1));
+    std::uint64_t end = 0;
+    for (const auto& q : b.parameters) {
+      const std::string& name = q.parameter.destination.name;
+      INFO("sender " << s << " parameter " << name);
+      CHECK(&sp.parameter(position) == &q);
+      CHECK(sp.find(name) == &q);
+      CHECK(sp.position(name) == std::optional<std::size_t>(position));
+      REQUIRE(q.index == expected[position]);
+      CHECK(q.staging_offset >= end);
+      CHECK(q.staging_offset % plan.staging_alignment() == 0);
+      const auto& full = plan.parameter(q.index);
+      CHECK(q.parameter.destination == full.parameter.destination);
+      CHECK(q.slice == full.slice);
+      CHECK(q.split == full.split);
+      // Its own shards only, packed back to back in index order.
+      std::uint64_t at = 0;
+      std::size_t own = 0;
+      for (std::size_t k = 0; k < full.parameter.shards.size(); ++k) {
+        if (full.shard_senders[k] != s) continue;
+        REQUIRE(own < q.parameter.shards.size());
+        CHECK(q.parameter.shards[own].index == full.parameter.shards[k].index);
+        CHECK(q.parameter.shards[own].tensor == full.parameter.shards[k].tensor);
+        CHECK(q.parameter.shards[own].offset == at);
+        at += full.parameter.shards[k].tensor.bytes();
+        ++own;
+      }
+      CHECK(own == q.parameter.shards.size());
+      CHECK(q.staging_bytes == at);
+      CHECK(q.shard_senders == std::vector<std::uint32_t>(own, s));
+      // Its writes are the full plan's writes of s, moved into the compact image.
+      std::vector<sl::planned_write> mine;
+      for (const auto& w : full.writes)
+        if (w.sender == s) mine.push_back(w);
+      REQUIRE(q.writes.size() == mine.size());
+      for (std::size_t i = 0; i < mine.size(); ++i) {
+        const auto& w = q.writes[i];
+        CHECK(w.sender == s);
+        CHECK(w.shard == mine[i].shard);
+        CHECK(w.receiver == mine[i].receiver);
+        CHECK(w.destination_offset == mine[i].destination_offset);
+        CHECK(w.bytes == mine[i].bytes);
+        CHECK(w.staging_offset + w.bytes <= q.staging_bytes);
+      }
+      total += q.staging_bytes;
+      end = q.staging_offset + q.staging_bytes;
+      ++position;
+    }
+    CHECK(b.staging_bytes == end);
+    largest = std::max(largest, b.staging_bytes);
+  }
+  CHECK(sp.max_staging_bytes() == largest);
+  CHECK(sp.total_bytes() == total);
+}
+
+void check_senders(const sl::transfer_plan& plan, const std::map<std::string, std::size_t>& id) {
+  REQUIRE(!plan.is_sender_plan());
+  CHECK(!plan.sender());
+  // Every write's bytes lie in shards of its sender, the first in shard `shard`; the quorum of
+  // a receiver is the senders of its writes.
+  std::vector<std::set<std::uint32_t>> quorum(plan.receivers());
+  for (std::size_t i = 0; i < plan.parameter_count(); ++i) {
+    const auto& p = plan.parameter(i);
+    CHECK(p.index == i);
+    REQUIRE(p.shard_senders.size() == p.parameter.shards.size());
+    for (auto owner : p.shard_senders) CHECK(owner < plan.senders());
+    const auto& shards = p.parameter.shards;
+    for (const auto& w : p.writes) {
+      quorum[w.receiver].insert(w.sender);
+      std::size_t k = 0;
+      while (k < shards.size() && shards[k].offset + shards[k].tensor.bytes() <= w.staging_offset) ++k;
+      REQUIRE(k < shards.size());
+      CHECK(shards[k].index == w.shard);
+      for (; k < shards.size() && shards[k].offset < w.staging_offset + w.bytes; ++k)
+        if (shards[k].tensor.bytes() > 0) CHECK(p.shard_senders[k] == w.sender);
+    }
+  }
+  for (std::size_t r = 0; r < plan.receivers(); ++r)
+    CHECK(plan.receiver_senders(r) == std::vector<std::uint32_t>(quorum[r].begin(), quorum[r].end()));
+
+  receiver_memory want = blank_memory(plan), got = blank_memory(plan);
+  apply(plan, id, want);
+  for (std::uint32_t s = 0; s < plan.senders(); ++s) {
+    const auto sp = plan.for_sender(s);
+    check_sender_plan(plan, sp, s);
+    apply(sp, id, got);
+  }
+  for (std::size_t r = 0; r < plan.receivers(); ++r)
+    for (const auto& [name, bytes] : want.bytes[r]) {
+      INFO("receiver " << r << " parameter " << name);
+      CHECK(got.bytes[r].at(name) == bytes);
+      const auto& cnt = got.count[r].at(name);
+      CHECK(std::count(cnt.begin(), cnt.end(), 1) == static_cast<std::ptrdiff_t>(cnt.size()));
+    }
+}
+
+// The model of the tests below, one layer or two, plus a tensor with no bytes.
+std::vector<sl::parameter_descriptor> with_empty(int layers) {
+  auto model = qwen(false, layers);
+  model.push_back({"extra.empty", sl::dtype::bf16, {0, 4}});
+  return model;
+}
+
+// Layer 0's k on sender 1, its v and the final norm on sender 2, the empty tensor on sender 3,
+// everything else on sender 0.
+std::vector<std::vector<std::string>> four_senders(const std::vector<sl::parameter_descriptor>& model) {
+  std::vector<std::vector<std::string>> s(4);
+  for (const auto& t : model) {
+    if (t.name == "model.layers.0.self_attn.k_proj.weight") s[1].push_back(t.name);
+    else if (t.name == "model.layers.0.self_attn.v_proj.weight" || t.name == "model.norm.weight") s[2].push_back(t.name);
+    else if (t.name == "extra.empty") s[3].push_back(t.name);
+    else s[0].push_back(t.name);
+  }
+  return s;
+}
+
+sl::plan_options sender_options(const std::vector<sl::parameter_descriptor>& model, std::size_t tp) {
+  auto o = tp_options(tp);
+  o.senders = 4;
+  o.sender_tensors = four_senders(model);
+  return o;
+}
+
+std::map<std::string, std::size_t> ids(const std::vector<sl::parameter_descriptor>& model) {
+  std::map<std::string, std::size_t> id;
+  for (std::size_t i = 0; i < model.size(); ++i) id[model[i].name] = i;
+  return id;
+}
+
+// The error's code, and its message: `message`, then the code's text.
+template <class F>
+void check_message(F&& f, sl::errc code, const std::string& message) {
+  try {
+    f();
+    FAIL("no error thrown, expected: " << message);
+  } catch (const sl::error& e) {
+    const std::string what = e.what();
+    INFO("message: " << what);
+    CHECK(e.code() == sl::make_error_code(code));
+    CHECK(what.rfind(message, 0) == 0);
+  }
+}
+
+const std::string qkv0 = "model.layers.0.self_attn.qkv_proj.weight";
+
+}  // namespace
+
+TEST_CASE("transfer_plan: q/k/v on three senders with tp 2: each sender stages only its shards, compactly") {
+  const auto model = with_empty(2);
+  const auto plan = build(model, sender_options(model, 2));
+  CHECK(plan.senders() == 4);
+  CHECK(!plan.is_sender_plan());
+  const auto* full = plan.find(qkv0);
+  REQUIRE(full != nullptr);
+  CHECK(full->shard_senders == std::vector<std::uint32_t>{0, 1, 2});
+  CHECK(full->staging_bytes == full->parameter.destination.bytes());
+
+  const std::uint64_t row = hidden * 2, q = hidden * row, k = kv * row;
+  const auto s1 = plan.for_sender(1);
+  REQUIRE(s1.parameter_count() == 1);
+  const auto& k_part = s1.parameter(0);
+  CHECK(k_part.parameter.destination.name == qkv0);
+  CHECK(k_part.index == full->index);
+  REQUIRE(k_part.parameter.shards.size() == 1);
+  CHECK(k_part.parameter.shards[0].index == 1);
+  CHECK(k_part.parameter.shards[0].offset == 0);
+  CHECK(k_part.staging_bytes == k);
+  // receiver, staging (in the compact image), destination, bytes, sender, shard
+  CHECK(k_part.writes == std::vector<sl::planned_write>{{0, 0, q / 2, k / 2, 1, 1}, {1, k / 2, q / 2, k / 2, 1, 1}});
+  CHECK(s1.max_staging_bytes() == k);
+  CHECK(s1.total_bytes() == k);
+  CHECK(s1.receiver_parameters(0) == std::vector<sl::parameter_descriptor>{full->slice});
+  // It holds nothing of the other parameters.
+  CHECK(s1.find("model.norm.weight") == nullptr);
+  CHECK(s1.find("model.layers.1.self_attn.qkv_proj.weight") == nullptr);
+
+  const auto s2 = plan.for_sender(2);
+  REQUIRE(s2.parameter_count() == 2);
+  CHECK(s2.parameter(0).parameter.destination.name == qkv0);
+  CHECK(s2.parameter(0).writes ==
+        std::vector<sl::planned_write>{{0, 0, q / 2 + k / 2, k / 2, 2, 2}, {1, k / 2, q / 2 + k / 2, k / 2, 2, 2}});
+  const auto& norm = s2.parameter(1);
+  CHECK(norm.parameter.destination.name == "model.norm.weight");
+  CHECK(norm.index == *plan.position("model.norm.weight"));
+  CHECK(norm.staging_offset == 256);  // after v's 256 bytes, aligned
+  CHECK(norm.writes == std::vector<sl::planned_write>{{0, 0, 0, hidden * 2, 2, 0}, {1, 0, 0, hidden * 2, 2, 0}});
+  CHECK(s2.max_staging_bytes() == 256 + hidden * 2);
+  CHECK(s2.total_bytes() == k + hidden * 2);
+
+  // Sender 0 has a part of every parameter but the ones of senders 2 and 3 alone.
+  const auto s0 = plan.for_sender(0);
+  CHECK(s0.parameter_count() == plan.parameter_count() - 2);
+  CHECK(s0.find(qkv0)->parameter.shards.size() == 1);
+  CHECK(s0.find(qkv0)->staging_bytes == q);
+
+  // Sender 3 holds a tensor with no bytes: it plans the parameter, writes nothing, and no
+  // receiver waits for it.
+  const auto s3 = plan.for_sender(3);
+  REQUIRE(s3.parameter_count() == 1);
+  CHECK(s3.parameter(0).writes.empty());
+  CHECK(s3.max_staging_bytes() == 0);
+  for (std::size_t r = 0; r < plan.receivers(); ++r)
+    CHECK(plan.receiver_senders(r) == std::vector<std::uint32_t>{0, 1, 2});
+
+  // A sender plan of a sender plan is the same plan.
+  const auto again = s2.for_sender(2);
+  REQUIRE(again.parameter_count() == s2.parameter_count());
+  for (std::size_t i = 0; i < s2.parameter_count(); ++i) {
+    CHECK(again.parameter(i).writes == s2.parameter(i).writes);
+    CHECK(again.parameter(i).staging_offset == s2.parameter(i).staging_offset);
+  }
+  CHECK(s2.for_sender(1).parameter_count() == 0);
+
+  check_senders(plan, ids(model));
+}
+
+TEST_CASE("transfer_plan: a write is split where the sender changes, and stays whole across one sender's shards") {
+  const auto model = with_empty(2);
+  const auto plan = build(model, sender_options(model, 1));
+  const std::uint64_t row = hidden * 2, q = hidden * row, k = kv * row;
+  CHECK(plan.find(qkv0)->writes == std::vector<sl::planned_write>{{0, 0, 0, q, 0, 0},
+                                                                   {0, q, q, k, 1, 1},
+                                                                   {0, q + k, q + k, k, 2, 2}});
+  // Layer 1's q, k and v are all on sender 0: one write, as with one sender.
+  const auto* qkv1 = plan.find("model.layers.1.self_attn.qkv_proj.weight");
+  REQUIRE(qkv1 != nullptr);
+  CHECK(qkv1->writes == std::vector<sl::planned_write>{{0, 0, 0, q + 2 * k, 0, 0}});
+  // The same owners through sender_of give the same plan.
+  auto o = tp_options(1);
+  o.senders = 4;
+  const auto lists = four_senders(model);
+  o.sender_of = [&lists](const sl::parameter_descriptor& t) {
+    for (std::size_t s = 0; s < lists.size(); ++s)
+      if (std::find(lists[s].begin(), lists[s].end(), t.name) != lists[s].end()) return s;
+    return std::size_t{99};
+  };
+  const auto same = build(model, o);
+  CHECK(same.fingerprint() == plan.fingerprint());
+  for (std::size_t i = 0; i < plan.parameter_count(); ++i) CHECK(same.parameter(i).writes == plan.parameter(i).writes);
+  check_senders(plan, ids(model));
+}
+
+TEST_CASE("transfer_plan: with one sender every write is sender 0's and the sender plan is the whole plan") {
+  const auto model = qwen(true);
+  const auto plan = build(model, tp_options(2, 2));
+  CHECK(plan.senders() == 1);
+  for (std::size_t i = 0; i < plan.parameter_count(); ++i)
+    for (const auto& w : plan.parameter(i).writes) CHECK(w.sender == 0);
+  const auto only = plan.for_sender(0);
+  CHECK(only.sender() == std::optional<std::size_t>(0));
+  REQUIRE(only.parameter_count() == plan.parameter_count());
+  for (std::size_t i = 0; i < plan.parameter_count(); ++i) {
+    CHECK(only.parameter(i).writes == plan.parameter(i).writes);
+    CHECK(only.parameter(i).staging_offset == plan.parameter(i).staging_offset);
+  }
+  CHECK(only.max_staging_bytes() == plan.max_staging_bytes());
+  for (std::size_t r = 0; r < plan.receivers(); ++r) CHECK(plan.receiver_senders(r) == std::vector<std::uint32_t>{0});
+}
+
+TEST_CASE("transfer_plan: parameters have a global index, a position and a lookup by name") {
+  const auto model = qwen(true);
+  const auto plan = build(model, tp_options(2));
+  const auto fused = sl::shard_map::standard().fuse(model);
+  REQUIRE(plan.parameter_count() == fused.size());
+  for (std::size_t i = 0; i < fused.size(); ++i) {
+    const std::string& name = fused[i].destination.name;
+    CHECK(plan.parameter(i).index == i);
+    CHECK(plan.parameter(i).parameter.destination.name == name);
+    CHECK(plan.position(name) == std::optional<std::size_t>(i));
+    CHECK(plan.find(name) == &plan.parameter(i));
+  }
+  std::size_t first = 0;
+  for (const auto& b : plan.buckets()) {
+    CHECK(b.first == first);
+    first += b.parameters.size();
+  }
+  CHECK(!plan.position("model.layers.0.self_attn.q_proj.weight"));
+  CHECK(!plan.position(""));
+  check_message([&] { (void)plan.parameter(fused.size()); }, sl::errc::invalid_argument,
+                "transfer_plan: parameter position " + std::to_string(fused.size()) +
+                    " does not exist (the plan has " + std::to_string(fused.size()) + " parameters)");
+  // A copy looks up in its own parameters.
+  const sl::transfer_plan copy = plan;
+  CHECK(copy.find(qkv0) == &copy.parameter(*plan.position(qkv0)));
+
+  const sl::transfer_plan none;
+  CHECK(none.parameter_count() == 0);
+  CHECK(none.find(qkv0) == nullptr);
+  CHECK(none.receiver_senders(0).empty());
+  CHECK(none.fingerprint() == build({}).fingerprint());
+}
+
+TEST_CASE("transfer_plan: the fingerprint covers layout, split and owners, not bucketing") {
+  const auto model = with_empty(1);
+  const auto base = build(model, sender_options(model, 2));
+  CHECK(build(model, sender_options(model, 2)).fingerprint() == base.fingerprint());
+  for (std::size_t s = 0; s < base.senders(); ++s) CHECK(base.for_sender(s).fingerprint() == base.fingerprint());
+  auto o = sender_options(model, 2);
+  o.bucket_bytes = 1024;
+  o.staging_alignment = 16;
+  CHECK(build(model, o).fingerprint() == base.fingerprint());
+
+  std::vector<std::pair<std::string, std::uint64_t>> variants{{"base", base.fingerprint()}};
+  auto other = model;
+  other[0].type = sl::dtype::f16;  // the embedding's dtype
+  variants.push_back({"dtype", build(other, sender_options(other, 2)).fingerprint()});
+  other = model;
+  other[0].shape = {64, hidden};  // the embedding's shape
+  variants.push_back({"shape", build(other, sender_options(other, 2)).fingerprint()});
+  o = sender_options(model, 2);
+  std::swap(o.sender_tensors[1], o.sender_tensors[2]);  // another owner for k, v and the norm
+  variants.push_back({"owner", build(model, o).fingerprint()});
+  variants.push_back({"tp", build(model, sender_options(model, 1)).fingerprint()});
+  o = sender_options(model, 2);
+  o.replicas = 2;
+  variants.push_back({"replicas", build(model, o).fingerprint()});
+  o = sender_options(model, 2);
+  o.senders = 5;
+  o.sender_tensors.emplace_back();
+  variants.push_back({"senders", build(model, o).fingerprint()});
+  o = sender_options(model, 2);
+  o.split = [](const sl::parameter_descriptor&) { return sl::tp_split::replicate; };
+  variants.push_back({"split", build(model, o).fingerprint()});
+  for (std::size_t i = 0; i < variants.size(); ++i)
+    for (std::size_t j = 0; j < i; ++j) {
+      INFO(variants[i].first << " vs " << variants[j].first);
+      CHECK(variants[i].second != variants[j].second);
+    }
+}
+
+TEST_CASE("transfer_plan: sender options and sender indices are checked, errors name the tensor") {
+  const auto model = with_empty(1);
+  auto o = sender_options(model, 2);
+  o.senders = 0;
+  o.sender_tensors.clear();
+  check_message([&] { build(model, o); }, sl::errc::invalid_argument,
+                "transfer_plan: plan_options.senders is 0, it must be at least 1");
+
+  o = sender_options(model, 2);
+  o.sender_of = [](const sl::parameter_descriptor&) { return std::size_t{0}; };
+  check_message([&] { build(model, o); }, sl::errc::invalid_argument,
+                "transfer_plan: plan_options.sender_of and plan_options.sender_tensors are both given, give one");
+
+  o = sender_options(model, 2);
+  o.sender_tensors.pop_back();
+  check_message([&] { build(model, o); }, sl::errc::invalid_argument,
+                "transfer_plan: plan_options.sender_tensors has 3 entries, plan_options.senders is 4");
+
+  const std::string k0 = "model.layers.0.self_attn.k_proj.weight";
+  o = sender_options(model, 2);
+  o.sender_tensors[3].push_back(k0);
+  check_message([&] { build(model, o); }, sl::errc::invalid_argument,
+                "transfer_plan: source tensor '" + k0 + "' is claimed by senders 1 and 3");
+  try {
+    build(model, o);
+  } catch (const sl::error& e) {
+    const std::string what = e.what();
+    CHECK(what.find(k0) == what.rfind(k0));  // named once
+  }
+
+  o = sender_options(model, 2);
+  o.sender_tensors[2].push_back("model.norm.weight");
+  check_message([&] { build(model, o); }, sl::errc::invalid_argument,
+                "transfer_plan: source tensor 'model.norm.weight' is listed twice by sender 2");
+
+  o = sender_options(model, 2);
+  std::erase(o.sender_tensors[2], "model.norm.weight");
+  check_message([&] { build(model, o); }, sl::errc::invalid_argument,
+                "transfer_plan: source tensor 'model.norm.weight' is held by no sender "
+                "(plan_options.sender_tensors lists it for none of the 4 senders)");
+
+  o = sender_options(model, 2);
+  o.sender_tensors[2].push_back("model.layers.9.mlp.up_proj.weight");
+  check_message([&] { build(model, o); }, sl::errc::unknown_parameter,
+                "transfer_plan: plan_options.sender_tensors[2] names 'model.layers.9.mlp.up_proj.weight', "
+                "which is no source tensor");
+
+  o = tp_options(2);
+  o.senders = 4;
+  o.sender_of = [](const sl::parameter_descriptor& t) { return t.name == "model.norm.weight" ? 7 : 0; };
+  check_message([&] { build(model, o); }, sl::errc::invalid_argument,
+                "transfer_plan: source tensor 'model.norm.weight': sender_of gave sender 7, the plan has 4 senders");
+
+  const auto plan = build(model, sender_options(model, 2));
+  check_message([&] { plan.for_sender(5); }, sl::errc::invalid_argument,
+                "transfer_plan: sender 5 does not exist (the plan has 4 senders)");
+  check_message([&] { plan.for_sender(1).for_sender(4); }, sl::errc::invalid_argument,
+                "transfer_plan: sender 4 does not exist (the plan has 4 senders)");
+  check_message([&] { (void)plan.receiver_senders(2); }, sl::errc::invalid_argument,
+                "transfer_plan: receiver 2 does not exist (the plan has 2 receivers)");
+}
+
+TEST_CASE("transfer_plan: a model of 100 000 tensors builds, indexes and splits among senders") {
+  // MoE layers with 64 experts and a dense layer every fourth, in Hugging Face naming.
+  std::vector<sl::parameter_descriptor> model;
+  std::size_t destinations = 0;
+  auto add = [&model](std::string name, shape_t shape) {
+    model.push_back({std::move(name), sl::dtype::bf16, std::move(shape)});
+  };
+  for (int l = 0; model.size() < 100000; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    add(p + "input_layernorm.weight", {8});
+    add(p + "self_attn.q_proj.weight", {8, 8});
+    add(p + "self_attn.k_proj.weight", {4, 8});
+    add(p + "self_attn.v_proj.weight", {4, 8});
+    add(p + "self_attn.o_proj.weight", {8, 8});
+    add(p + "post_attention_layernorm.weight", {8});
+    destinations += 4;
+    if (l % 4 == 3) {
+      add(p + "mlp.gate_proj.weight", {16, 8});
+      add(p + "mlp.up_proj.weight", {16, 8});
+      add(p + "mlp.down_proj.weight", {8, 16});
+      destinations += 2;
+    } else {
+      add(p + "mlp.gate.weight", {64, 8});
+      for (int e = 0; e < 64; ++e) {
+        const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
+        add(x + "gate_proj.weight", {4, 8});
+        add(x + "up_proj.weight", {4, 8});
+        add(x + "down_proj.weight", {8, 4});
+      }
+      destinations += 3;
+    }
+  }
+  auto o = tp_options(2);
+  o.senders = 4;
+  o.sender_of = [](const sl::parameter_descriptor& t) { return std::hash<std::string>{}(t.name) % 4; };
+  const auto plan = build(model, o);
+  REQUIRE(plan.parameter_count() == destinations);
+  std::size_t writes = 0;
+  for (std::size_t i = 0; i < plan.parameter_count(); ++i) {
+    const auto& p = plan.parameter(i);
+    CHECK(p.index == i);
+    CHECK(plan.position(p.parameter.destination.name) == std::optional<std::size_t>(i));
+    writes += p.writes.size();
+  }
+  CHECK(plan.find("model.layers.2.mlp.experts.w13_weight")->parameter.shards.size() == 128);
+  std::size_t sender_writes = 0, sender_shards = 0;
+  for (std::size_t s = 0; s < plan.senders(); ++s) {
+    const auto sp = plan.for_sender(s);
+    CHECK(sp.fingerprint() == plan.fingerprint());
+    for (std::size_t i = 0; i < sp.parameter_count(); ++i) {
+      sender_writes += sp.parameter(i).writes.size();
+      sender_shards += sp.parameter(i).parameter.shards.size();
+    }
+  }
+  CHECK(sender_writes == writes);
+  CHECK(sender_shards == model.size());
 }
