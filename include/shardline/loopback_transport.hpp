@@ -9,12 +9,18 @@
 
 #include <asio/any_io_executor.hpp>
 #include <asio/async_result.hpp>
+#include <asio/bind_cancellation_slot.hpp>
+#include <asio/cancellation_signal.hpp>
+#include <asio/dispatch.hpp>
+#include <asio/experimental/append.hpp>
+#include <asio/post.hpp>
 #include <asio/experimental/channel.hpp>
 #include <asio/steady_timer.hpp>
 
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <list>
 #include <memory>
 #include <span>
 #include <string>
@@ -111,7 +117,8 @@ public:
   public:
     using executor_type = Executor;
     connection(connection&& o) noexcept
-        : executor_(o.executor_), peer_(std::move(o.peer_)), table_(std::move(o.table_)), who_(o.who_),
+        : executor_(o.executor_), peer_(std::move(o.peer_)), link_(std::move(o.link_)),
+          table_(std::move(o.table_)), who_(o.who_),
           open_(std::exchange(o.open_, false)), delay_(o.delay_), wire_rate_(o.wire_rate_),
           wire_free_(o.wire_free_) {}
     connection& operator=(connection&& o) noexcept {
@@ -119,6 +126,7 @@ public:
         close();
         executor_ = o.executor_;
         peer_ = std::move(o.peer_);
+        link_ = std::move(o.link_);
         table_ = std::move(o.table_);
         who_ = o.who_;
         open_ = std::exchange(o.open_, false);
@@ -148,24 +156,23 @@ public:
                                       make_error_code(errc::not_connected));
               return;
             }
-            if (delay_ == std::chrono::steady_clock::duration::zero() && wire_rate_ <= 0) {
-              detail::post_completion(executor_, std::move(handler), copy(*peer_, batch));
-              return;
-            }
+            if (delay_ == std::chrono::steady_clock::duration::zero() && wire_rate_ <= 0)
+              return finish(link_, executor_, std::move(handler), copy(*peer_, batch));
             auto timer = std::make_unique<asio::steady_timer>(executor_, landing_time(batch));
             auto& t = *timer;
-            t.async_wait([executor = executor_, peer = peer_, handler = std::move(handler),
+            t.async_wait([executor = executor_, peer = peer_, link = link_, handler = std::move(handler),
                           timer = std::move(timer),
                           requests = std::vector<write_request>(batch.begin(), batch.end())](
                              std::error_code) mutable {
-              detail::post_completion(executor, std::move(handler), copy(*peer, requests));
+              finish(link, executor, std::move(handler), copy(*peer, requests));
             });
           },
           token);
     }
 
     /// Completion void(std::error_code) once the notice is queued at the receiver (its
-    /// acknowledgement); errc::peer_disconnected when the receiver is closed.
+    /// acknowledgement); errc::peer_disconnected when the receiver is closed; close() of this
+    /// connection completes one still waiting for room with operation_aborted.
     template <class Token>
     auto async_notify(notice_kind kind, std::uint32_t version, Token&& token) {
       return asio::async_initiate<Token, void(std::error_code)>(
@@ -176,12 +183,18 @@ public:
             if (!peer_->open)
               return detail::post_completion(executor_, std::move(handler),
                                              make_error_code(errc::peer_disconnected));
+            auto pending = link_->notices.emplace(link_->notices.end());
             peer_->notices.async_send(
                 std::error_code{}, notice{who_.sender, kind, version},
-                [handler = std::move(handler), executor = executor_](std::error_code ec) mutable {
-                  detail::post_completion(executor, std::move(handler),
-                                          ec ? make_error_code(errc::peer_disconnected) : ec);
-                });
+                asio::bind_cancellation_slot(
+                    pending->slot(),
+                    [handler = std::move(handler), executor = executor_, link = link_, pending](
+                        std::error_code ec) mutable {
+                      link->notices.erase(pending);
+                      if (ec) ec = link->closed ? std::error_code(asio::error::operation_aborted)
+                                                : make_error_code(errc::peer_disconnected);
+                      detail::post_completion(executor, std::move(handler), ec);
+                    }));
           },
           token);
     }
@@ -190,6 +203,9 @@ public:
     void close() noexcept {
       if (!open_) return;
       open_ = false;
+      link_->closed = true;
+      // Pending operations complete with an error (operation_aborted), as the concept says.
+      for (auto& pending : link_->notices) pending.emit(asio::cancellation_type::terminal);
       // async_send, not try_send: a full queue must not lose the leave (it waits its turn).
       if (peer_ && peer_->open)
         peer_->notices.async_send(make_error_code(errc::peer_disconnected),
@@ -212,6 +228,25 @@ public:
     friend class basic_loopback_transport;
     connection(const executor_type& ex, std::shared_ptr<receiver_state> peer, sender_identity who)
         : executor_(ex), peer_(std::move(peer)), table_(peer_->table), who_(who) {}
+
+    // What outlives a moved-from connection and its delayed writes: whether it was closed, and
+    // the cancellation of each notice still waiting for room.
+    struct link_state {
+      bool closed = false;
+      std::list<asio::cancellation_signal> notices;
+    };
+
+    // A write that landed before close() but completes after it reports operation_aborted,
+    // as every transport's pending operations do on close (a failure keeps its own code).
+    template <class Handler>
+    static void finish(std::shared_ptr<link_state> link, const executor_type& executor, Handler handler,
+                       std::error_code result) {
+      asio::post(executor, [link = std::move(link), executor, handler = std::move(handler), result]() mutable {
+        const std::error_code ec = link->closed && !result ? std::error_code(asio::error::operation_aborted) : result;
+        auto ex = asio::get_associated_executor(handler, executor);
+        asio::dispatch(ex, asio::experimental::append(std::move(handler), ec));
+      });
+    }
 
     // Static, with the peer passed in: a delayed write outlives a moved-from connection.
     static std::error_code copy(receiver_state& peer, std::span<const write_request> batch) {
@@ -239,6 +274,7 @@ public:
 
     executor_type executor_;
     std::shared_ptr<receiver_state> peer_;
+    std::shared_ptr<link_state> link_ = std::make_shared<link_state>();
     region_table table_;
     sender_identity who_;
     bool open_ = true;

@@ -614,7 +614,11 @@ private:
       if (loader_pool_) {
         // The whole bucket in one trip to the loader thread, which keeps loading while the
         // io_context writes what is ready: no round trip per shard.
-        auto load_all = [this, &u, &br, &bk, &loader, staging, version = u.version] {
+        // The io_context is woken once per wake_bytes loaded, not per parameter: each wake-up
+        // costs a write round, and 100,000 small parameters must cost what 20 large ones do.
+        const std::uint64_t wake_bytes = std::max<std::uint64_t>(slot_bytes_ / 16, 64 << 10);
+        auto load_all = [this, &u, &br, &bk, &loader, staging, wake_bytes, version = u.version] {
+          std::uint64_t unannounced = 0;
           for (std::size_t i = 0; i < bk.parameters.size(); ++i) {
             const planned_parameter& p = bk.parameters[i];
             for (const auto& shard : p.parameter.shards) {
@@ -626,8 +630,13 @@ private:
               }
             }
             br.loaded.store(i + 1, std::memory_order_release);
-            wake_from_thread(br);
+            unannounced += p.staging_bytes;
+            if (unannounced >= wake_bytes) {
+              unannounced = 0;
+              wake_from_thread(br);
+            }
           }
+          // The last parameters are announced by the completion of this trip, which rings.
         };
         detail::async_run_on(loader_pool_->get_executor(), executor_, std::move(load_all), done);
         return;
