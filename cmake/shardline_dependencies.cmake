@@ -41,3 +41,26 @@ macro(shardline_find_ibverbs)
     endif()
   endif()
 endmacro()
+
+# ---- CUDA (shardline::cuda) -------------------------------------------------------------------
+# Call only when the CUDA part is wanted. Defines CUDA::cudart (FindCUDAToolkit) when the CUDA
+# Toolkit is found: where CUDAToolkit_ROOT, CUDA_PATH and nvcc on the PATH say nothing,
+# /usr/local/cuda is tried (where this project's CI and GPU machines have it).
+macro(shardline_find_cuda)
+  if(NOT TARGET CUDA::cudart)
+    set(_shardline_cuda_hinted FALSE)
+    if(DEFINED CUDAToolkit_ROOT OR DEFINED ENV{CUDAToolkit_ROOT} OR DEFINED ENV{CUDA_PATH})
+      set(_shardline_cuda_hinted TRUE)
+    endif()
+    string(REPLACE ":" ";" _shardline_path "$ENV{PATH}")
+    foreach(_shardline_dir IN LISTS _shardline_path)
+      if(EXISTS "${_shardline_dir}/nvcc")
+        set(_shardline_cuda_hinted TRUE)
+      endif()
+    endforeach()
+    if(NOT _shardline_cuda_hinted AND EXISTS /usr/local/cuda/bin/nvcc)
+      set(CUDAToolkit_ROOT /usr/local/cuda)
+    endif()
+    find_package(CUDAToolkit QUIET)
+  endif()
+endmacro()
