@@ -208,10 +208,11 @@ public:
   /// registration never see a write span two keys: the sender merges only equal keys.)
   bool covers(std::uint64_t address, std::uint64_t length) const noexcept {
     if (find(address, length)) return true;
-    while (length > 0) {
-      auto it = by_address_.upper_bound(address);
-      if (it == by_address_.begin()) return false;
-      const remote_region& r = regions_[std::prev(it)->second];
+    auto it = by_address_.upper_bound(address);
+    if (it == by_address_.begin()) return false;
+    // One descent, then neighbours in address order: a coalesced write costs its span's regions.
+    for (--it; it != by_address_.end() && length > 0; ++it) {
+      const remote_region& r = regions_[it->second];
       if (!r.contains(address, 1)) return false;
       const std::uint64_t available = r.address + r.length - address;
       if (available >= length) return true;

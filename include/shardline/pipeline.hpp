@@ -362,20 +362,23 @@ private:
                                          [r](const planned_write& w) { return w.receiver == r; });
         if (!written) continue;
         const std::string& name = p.slice.name;
-        const std::string who = "parameter '" + name + "': receiver " + std::to_string(r);
+        // Messages are built only on failure: this runs for every parameter of every receiver.
+        const auto who = [&] { return "parameter '" + name + "': receiver " + std::to_string(r); };
         const remote_region* region = table.find(name);
         if (!region)
-          throw error(make_error_code(errc::unknown_parameter), who + " does not expose it");
+          throw error(make_error_code(errc::unknown_parameter), who() + " does not expose it");
         if (region->length != p.slice.bytes())
           throw error(make_error_code(errc::size_mismatch),
-                      who + " exposes " + std::to_string(region->length) + " bytes, the plan needs " +
+                      who() + " exposes " + std::to_string(region->length) + " bytes, the plan needs " +
                           std::to_string(p.slice.bytes()) + " (" + describe(p.slice) + ")");
-        const tensor_layout planned{p.slice.type, p.slice.shape};
-        if (region->layout && *region->layout != planned)
+        if (region->layout && (region->layout->type != p.slice.type || region->layout->shape != p.slice.shape)) {
+          const tensor_layout planned{p.slice.type, p.slice.shape};
           throw error(make_error_code(errc::layout_mismatch),
-                      who + " holds " + to_string(*region->layout) + ", the plan sends " +
+                      who() + " holds " + to_string(*region->layout) + ", the plan sends " +
                           to_string(planned) + " (same " + std::to_string(region->length) + " bytes)");
-        require_kind(Transport::destination_kinds, region->location, "the transport", who + "'s memory");
+        }
+        if (!Transport::destination_kinds.contains(region->location.kind))
+          require_kind(Transport::destination_kinds, region->location, "the transport", who() + "'s memory");
         out[at] = region;
       }
     return out;
@@ -629,14 +632,16 @@ private:
                 throw loader_error(p, shard, std::current_exception());
               }
             }
-            br.loaded.store(i + 1, std::memory_order_release);
+            // Published only with a wake-up: the io thread reads this line, so each store bounces it.
             unannounced += p.staging_bytes;
             if (unannounced >= wake_bytes) {
               unannounced = 0;
+              br.loaded.store(i + 1, std::memory_order_release);
               wake_from_thread(br);
             }
           }
-          // The last parameters are announced by the completion of this trip, which rings.
+          // The rest is announced by the completion of this trip, which rings.
+          br.loaded.store(bk.parameters.size(), std::memory_order_release);
         };
         detail::async_run_on(loader_pool_->get_executor(), executor_, std::move(load_all), done);
         return;
