@@ -163,7 +163,8 @@ asio::awaitable<void> latency_loop(typename T::connection* c, sl::write_request 
 template <class T>
 asio::awaitable<void> accept(typename T::receiver* r, std::error_code* error,
                              bool* done) {
-  auto [ec] = co_await r->async_accept(asio::experimental::as_tuple(asio::use_awaitable));
+  auto [ec, sender] = co_await r->async_accept(asio::experimental::as_tuple(asio::use_awaitable));
+  (void)sender;
   *error = ec;
   *done = true;
 }

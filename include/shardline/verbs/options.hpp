@@ -22,7 +22,7 @@ struct options {
   std::uint8_t port = 1;
   int gid_index = -1;               ///< -1: the RoCE v2 GID holding an IPv4-mapped address
   std::size_t queue_pairs = 2;      ///< per peer; writes are striped across them
-  std::uint32_t max_send_wr = 256;  ///< per QP; also the receiver's posted receives per QP
+  std::uint32_t max_send_wr = 256;  ///< per sender QP: WRs in flight before writes wait
   std::uint32_t cq_entries = 1024;  ///< per connection; every posted WR reserves one entry
   std::uint32_t signal_every = 16;  ///< selective signalling interval
   std::size_t max_wr_per_post = 64; ///< WRs per ibv_post_send chain (and per QP per loop turn)
@@ -32,7 +32,7 @@ struct options {
   std::uint8_t rnr_retry = 3;
   unsigned spin_polls = 16;         ///< adaptive mode: empty polls before sleeping on the fd
   std::chrono::milliseconds fallback_poll{50};  ///< a missed CQ event cannot hang an update
-  std::chrono::milliseconds connect_timeout{10000};
+  std::chrono::milliseconds connect_timeout{10000};  ///< bounds async_connect, and each handshake of async_accept
 };
 
 }  // namespace shardline::verbs

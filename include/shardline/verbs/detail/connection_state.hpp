@@ -1,9 +1,11 @@
 // shardline/verbs/detail/connection_state.hpp: the sender side of one peer: its CQ, QPs,
-// control socket and the write operations in flight.
+// the write operations in flight, and the control socket that carries its notices.
 #pragma once
 
+#include <shardline/detail/control.hpp>
 #include <shardline/error.hpp>
 #include <shardline/memory.hpp>
+#include <shardline/transport.hpp>
 #include <shardline/verbs/completion_queue.hpp>
 #include <shardline/verbs/detail/handler.hpp>
 #include <shardline/verbs/device.hpp>
@@ -11,16 +13,16 @@
 #include <shardline/verbs/options.hpp>
 #include <shardline/verbs/queue_pair.hpp>
 
+#include <asio/associated_cancellation_slot.hpp>
 #include <asio/basic_stream_socket.hpp>
-#include <asio/bind_cancellation_slot.hpp>
 #include <asio/buffer.hpp>
 #include <asio/cancellation_signal.hpp>
 #include <asio/cancellation_type.hpp>
 #include <asio/error.hpp>
 #include <asio/ip/tcp.hpp>
 #include <asio/post.hpp>
+#include <asio/write.hpp>
 
-#include <arpa/inet.h>
 #include <infiniband/verbs.h>
 
 #include <algorithm>
@@ -28,6 +30,7 @@
 #include <deque>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 namespace shardline::verbs::detail {
@@ -45,7 +48,6 @@ struct segment {
   std::uint64_t remote = 0;
   std::uint32_t rkey = 0;
   std::uint32_t qp = 0;
-  bool imm = false;
   bool in_flight = false;
 };
 
@@ -53,17 +55,23 @@ struct segment {
 // completion can never land on the next version's operation.
 struct write_op {
   std::uint64_t gen = 1;
+  std::uint64_t seq = 0;              // initiation order: a notice waits for every lower one
   std::unique_ptr<erased_handler<std::error_code>> handler;
   asio::cancellation_slot slot;
   std::vector<segment> segs;
-  std::size_t data = 0;               // segs[0, data) are data, then maybe the imm one
-  std::vector<std::size_t> cursor;    // per QP: the next data segment to post on it
-  std::size_t posted = 0;
+  std::vector<std::size_t> cursor;    // per QP: the next segment to post on it
+  std::size_t posted = 0;             // segments posted, or given up (cancel, failure)
   std::size_t remaining = 0;          // segments not yet retired
-  bool notify = false;
-  bool imm_posted = false;
-  std::uint32_t notification = 0;
   std::error_code ec;
+};
+
+// One async_notify: sent once every write initiated before it has completed, completed by
+// the receiver's echo.
+struct notice_op {
+  shardline::detail::notice_frame frame{};
+  std::uint64_t after = 0;            // write seqs below this one must have completed
+  std::unique_ptr<erased_handler<std::error_code>> handler;  // null once cancelled
+  asio::cancellation_slot slot;
 };
 
 template <poll_mode Mode, class Executor>
@@ -73,8 +81,9 @@ class connection_state final
 public:
   using socket_type = asio::basic_stream_socket<asio::ip::tcp, Executor>;
 
-  connection_state(const Executor& ex, std::shared_ptr<device> dev, const options& o)
-      : ex_(ex), opts_(o), device_(std::move(dev)), socket_(ex) {
+  connection_state(const Executor& ex, std::shared_ptr<device> dev, const options& o,
+                   sender_identity who)
+      : ex_(ex), opts_(o), device_(std::move(dev)), socket_(ex), who_(who) {
     if (opts_.queue_pairs == 0 || opts_.queue_pairs > 64)
       throw error(make_error_code(errc::invalid_argument),
                   "verbs options: queue_pairs must be 1..64, not " +
@@ -113,6 +122,7 @@ public:
     return v;
   }
   const device& dev() const noexcept { return *device_; }
+  const sender_identity& identity() const noexcept { return who_; }
   std::size_t max_write() const noexcept { return max_write_; }
 
   std::error_code connect_qps(const ibv_gid& gid, const std::vector<qp_endpoint>& remote) {
@@ -123,16 +133,20 @@ public:
 
   region_table table;
 
-  bool is_open() const noexcept { return !failed_ && !closed_ && !peer_gone_; }
+  bool is_open() const noexcept { return !failed_ && !closed_ && !control_ec_; }
 
   template <class Handler>
-  void start_write(std::span<const write_request> batch, bool notify, std::uint32_t value,
-                   Handler&& handler) {
+  void start_write(std::span<const write_request> batch, Handler&& handler) {
     auto slot = asio::get_associated_cancellation_slot(handler);
     auto h = erase_handler<std::error_code>(std::forward<Handler>(handler), ex_);
     if (closed_) return h->complete(make_error_code(errc::not_connected));
-    if (peer_gone_) return h->complete(make_error_code(errc::peer_disconnected));
+    if (control_ec_) return h->complete(control_ec_);
     if (failed_) return h->complete(make_error_code(errc::connection_failed));
+    // Checked whole before anything is posted: a batch that reaches outside the receiver's
+    // table fails without moving a byte, and the connection goes on.
+    for (const auto& w : batch)
+      if (!table.covers(w.remote_address, w.source.size()))
+        return h->complete(make_error_code(errc::region_not_exposed));
 
     write_op* op = acquire();
     const std::size_t n = qps_.size();
@@ -150,16 +164,7 @@ public:
         op->segs.push_back(s);
       }
     }
-    op->data = op->segs.size();
-    if (notify) {
-      segment s;
-      s.op = op;
-      s.qp = 0;
-      s.imm = true;
-      op->segs.push_back(s);
-    }
-    op->notify = notify;
-    op->notification = value;
+    op->seq = next_seq_++;
     op->remaining = op->segs.size();
     op->cursor.assign(n, 0);
     for (std::size_t q = 0; q < n; ++q) op->cursor[q] = q;
@@ -170,38 +175,91 @@ public:
       op->slot = slot;
       slot.template emplace<canceller>(canceller{this->weak_from_this(), op, op->gen});
     }
-
-    if (active_.size() == 1) {
-      keep_ = this->shared_from_this();  // alive while WRs may still complete
-      start_watch();
-    }
+    settle();
     pump();
     if (!active_.empty()) cq_->kick();
   }
 
-  // Per-operation cancellation: terminal only, because the only way to stop posted
-  // WRs is to move the QPs to ERR, which ends the connection.
+  template <class Handler>
+  void start_notify(notice_kind kind, std::uint32_t version, Handler&& handler) {
+    auto slot = asio::get_associated_cancellation_slot(handler);
+    auto h = erase_handler<std::error_code>(std::forward<Handler>(handler), ex_);
+    if (closed_) return h->complete(make_error_code(errc::not_connected));
+    if (control_ec_) return h->complete(control_ec_);
+    auto n = std::make_unique<notice_op>();
+    n->frame = shardline::detail::encode_notice(kind, version);
+    n->after = next_seq_;
+    n->handler = std::move(h);
+    if (slot.is_connected()) {
+      n->slot = slot;
+      slot.template emplace<notice_canceller>(notice_canceller{this->weak_from_this(), n.get()});
+    }
+    notices_.push_back(std::move(n));
+    settle();
+    pump_notices();
+  }
+
+  // Cancellation of a write: posted WRs cannot be recalled, so the operation posts nothing
+  // more, waits for what it posted, then completes with operation_aborted. The QPs stay in
+  // RTS. See connection::async_write for which types take effect when.
   struct canceller {
     std::weak_ptr<connection_state> state;
     write_op* op;
     std::uint64_t gen;
     void operator()(asio::cancellation_type type) const {
-      if ((type & asio::cancellation_type::terminal) == asio::cancellation_type::none) return;
-      if (auto s = state.lock()) s->cancel(op, gen);
+      if (auto s = state.lock()) s->cancel(op, gen, type);
     }
   };
 
-  void cancel(write_op* op, std::uint64_t gen) {
+  // Cancellation of a notice (any type): one not sent yet is withdrawn; one sent completes
+  // now and its echo is still consumed when it comes.
+  struct notice_canceller {
+    std::weak_ptr<connection_state> state;
+    notice_op* n;
+    void operator()(asio::cancellation_type type) const {
+      if (type == asio::cancellation_type::none) return;
+      if (auto s = state.lock()) s->cancel_notice(n);
+    }
+  };
+
+  void cancel(write_op* op, std::uint64_t gen, asio::cancellation_type type) {
     if (op->gen != gen || !op->handler) return;
-    fail(asio::error::operation_aborted, false);
+    // Every WR is posted: nothing is left to stop, the write completes as it lands.
+    if (op->posted == op->segs.size()) return;
+    // Total cancellation promises no side effect: only while nothing is posted.
+    constexpr auto stops_midway = asio::cancellation_type::terminal | asio::cancellation_type::partial;
+    if ((type & stops_midway) == asio::cancellation_type::none &&
+        ((type & asio::cancellation_type::total) == asio::cancellation_type::none || op->posted != 0))
+      return;
+    if (!op->ec) op->ec = asio::error::operation_aborted;
+    op->remaining -= op->segs.size() - op->posted;
+    op->posted = op->segs.size();
+    for (auto& c : op->cursor) c = op->segs.size();
+    if (op->remaining == 0) finish(op);
   }
+
+  void cancel_notice(notice_op* n) {
+    const auto it = std::find_if(notices_.begin(), notices_.end(),
+                                 [n](const auto& p) { return p.get() == n; });
+    if (it == notices_.end() || !(*it)->handler) return;
+    auto h = take(**it);
+    if (static_cast<std::size_t>(it - notices_.begin()) >= sent_) notices_.erase(it);
+    h->complete(asio::error::operation_aborted);
+    settle();
+  }
+
+  // Connected: from now on the control socket is always read, so that the receiver's end
+  // is seen even by an idle sender.
+  void start_control() { start_read(); }
 
   void close() noexcept {
     if (closed_) return;
     closed_ = true;
     fail(asio::error::operation_aborted, false);
+    fail_notices(asio::error::operation_aborted);
     std::error_code ignored;
     socket_.close(ignored);
+    settle();
   }
 
   // cq_consumer
@@ -237,7 +295,6 @@ private:
     free_.pop_back();
     op->segs.clear();
     op->posted = 0;
-    op->imm_posted = false;
     op->ec.clear();
     return op;
   }
@@ -261,59 +318,116 @@ private:
     ++op->gen;
     free_.push_back(op);
     h->complete(op->ec);
-    if (active_.empty()) {
-      std::error_code ignored;
-      if (watch_pending_) socket_.cancel(ignored);
-      keep_.reset();  // every caller holds its own reference
-    }
+    pump_notices();
+    settle();
   }
 
+  // The QPs go to ERR: only for a failed work completion or post, a lost receiver, or
+  // close(). Outstanding WRs flush; what was not posted yet is given up.
   void fail(std::error_code cause, bool from_wc) {
     if (failed_) return;
     failed_ = true;
     cause_ = cause;
     cause_from_wc_ = from_wc;
-    for (auto& q : qps_) q->to_error();  // outstanding WRs flush
+    for (auto& q : qps_) q->to_error();
     auto snapshot = active_;
     for (write_op* op : snapshot) {
       const std::size_t unposted = op->segs.size() - op->posted;
-      if (unposted) {
-        op->posted = op->segs.size();
-        op->remaining -= unposted;
-        if (!op->ec) op->ec = from_wc ? make_error_code(errc::connection_failed) : cause;
-      }
+      op->posted = op->segs.size();
+      op->remaining -= unposted;
+      // close() or a lost receiver fails every pending write, even one whose WRs complete
+      // fine now; after a failed completion, a write that lands whole still succeeds.
+      if (!op->ec && (unposted || !from_wc))
+        op->ec = from_wc ? make_error_code(errc::connection_failed) : cause;
       if (op->remaining == 0) finish(op);
     }
     if (!active_.empty()) cq_->kick();
   }
 
-  void start_watch() {
-    if (watch_pending_ || !socket_.is_open()) return;
-    watch_pending_ = true;
+  // The control connection is over (the receiver left, or spoke garbage): notices fail with
+  // `ec`, and so do the writes, whose QPs' peers are gone with it.
+  void control_failed(std::error_code ec) {
+    if (control_ec_ || closed_) return;
+    control_ec_ = ec;
+    std::error_code ignored;
+    socket_.close(ignored);
+    fail_notices(ec);
+    fail(ec, false);
+    settle();
+  }
+
+  std::unique_ptr<erased_handler<std::error_code>> take(notice_op& n) {
+    n.slot.clear();
+    n.slot = {};
+    return std::move(n.handler);
+  }
+
+  void fail_notices(std::error_code ec) {
+    auto pending = std::move(notices_);
+    notices_.clear();
+    sent_ = 0;
+    for (auto& n : pending)
+      if (n->handler) take(*n)->complete(ec);
+  }
+
+  // Sends, in order, every notice whose earlier writes have all completed.
+  void pump_notices() {
+    if (sending_ || closed_ || control_ec_) return;
+    const std::uint64_t completed_below = active_.empty() ? next_seq_ : active_.front()->seq;
+    out_.clear();
+    std::size_t i = sent_;
+    for (; i < notices_.size() && notices_[i]->after <= completed_below; ++i)
+      out_.append(reinterpret_cast<const char*>(notices_[i]->frame.data()), notices_[i]->frame.size());
+    if (i == sent_) return;
+    sent_ = i;
+    sending_ = true;
+    asio::async_write(socket_, asio::buffer(out_),
+                      [w = this->weak_from_this(), this](std::error_code ec, std::size_t) {
+                        auto keep = w.lock();
+                        if (!keep) return;
+                        sending_ = false;
+                        if (ec) return control_failed(make_error_code(errc::peer_disconnected));
+                        pump_notices();
+                      });
+  }
+
+  // Reads the control socket for the connection's life: echoes complete notices; EOF means
+  // the receiver is gone, which fails what is outstanding now rather than after the QPs'
+  // retry timeout, and tells an idle sender too.
+  void start_read() {
+    if (reading_ || closed_ || control_ec_) return;
+    reading_ = true;
     socket_.async_read_some(
-        asio::buffer(&watch_byte_, 1),
-        [w = this->weak_from_this(), this](std::error_code ec, std::size_t) {
+        asio::buffer(ack_.data() + ack_filled_, ack_.size() - ack_filled_),
+        [w = this->weak_from_this(), this](std::error_code ec, std::size_t n) {
           auto keep = w.lock();
           if (!keep) return;
-          watch_pending_ = false;
-          if (!ec || (ec == asio::error::operation_aborted && !closed_)) {
-            if (has_work()) start_watch();
-            return;
+          reading_ = false;
+          if (closed_ || control_ec_) return;
+          if (ec) return control_failed(make_error_code(errc::peer_disconnected));
+          ack_filled_ += n;
+          if (ack_filled_ == ack_.size()) {
+            ack_filled_ = 0;
+            if (sent_ == 0 || notices_.front()->frame != ack_)
+              return control_failed(make_error_code(errc::protocol_error));
+            auto done = std::move(notices_.front());
+            notices_.pop_front();
+            --sent_;
+            if (done->handler) take(*done)->complete(std::error_code{});
           }
-          if (closed_) return;
-          // The receiver closed its control connection (or died): its QPs are gone,
-          // so ours go to ERR and everything outstanding flushes now rather than after
-          // the retry timeout.
-          peer_gone_ = true;
-          if (has_work()) fail(make_error_code(errc::peer_disconnected), false);
+          start_read();
+          settle();
         });
   }
 
-  bool imm_ready(const write_op* op) const noexcept {
-    if (qps_.size() == 1) return op->cursor[0] >= op->data;
-    // Other QPs are not ordered with QP 0: the commit waits until this batch (and every
-    // earlier one) has completed, i.e. is visible at the receiver.
-    return op->remaining == 1 && active_.front() == op;
+  // Keeps this state alive while work requests are outstanding: their completions still
+  // come after the connection object is gone (closed).
+  void settle() {
+    if (!active_.empty()) {
+      if (!keep_) keep_ = this->shared_from_this();
+      return;
+    }
+    keep_.reset();  // every caller holds its own reference
   }
 
   void pump() {
@@ -325,29 +439,18 @@ private:
       auto& ring = rings_[q];
       std::size_t count = 0;
       bool blocked = false;
-      auto room = [&] {
-        return count < wrs_.size() && ring.size() + count < opts_.max_send_wr &&
-               cq_used_ + count < cq_budget_;
-      };
       for (write_op* op : active_) {
         auto& c = op->cursor[q];
-        while (c < op->data) {
-          if (!room()) {
+        while (c < op->segs.size()) {
+          if (count >= wrs_.size() || ring.size() + count >= opts_.max_send_wr ||
+              cq_used_ + count >= cq_budget_) {
             blocked = true;
             break;
           }
-          add(count++, op->segs[c], c + n >= op->data);
+          add(count++, op->segs[c], c + n >= op->segs.size());
           c += n;
         }
         if (blocked) break;
-        if (q == 0 && op->notify && !op->imm_posted && imm_ready(op)) {
-          if (!room()) {
-            blocked = true;
-            break;
-          }
-          add(count++, op->segs.back(), true);
-          op->imm_posted = true;
-        }
       }
       if (count) post(q, count);
       if (blocked && count == wrs_.size()) more = true;
@@ -375,8 +478,7 @@ private:
       wr.sg_list = &sges_[i];
       wr.num_sge = 1;
     }
-    wr.opcode = s.imm ? IBV_WR_RDMA_WRITE_WITH_IMM : IBV_WR_RDMA_WRITE;
-    if (s.imm) wr.imm_data = htonl(s.op->notification);
+    wr.opcode = IBV_WR_RDMA_WRITE;
     wr.wr.rdma.remote_addr = s.remote;
     wr.wr.rdma.rkey = s.rkey;
     if (last_of_op_on_qp) wr.send_flags = IBV_SEND_SIGNALED;
@@ -417,6 +519,7 @@ private:
   std::unique_ptr<completion_queue<Mode, Executor>> cq_;
   std::vector<std::unique_ptr<queue_pair>> qps_;  // after cq_: destroyed before it
   socket_type socket_;
+  sender_identity who_;
   std::size_t max_write_ = 0;
   std::size_t cq_budget_ = 0;
   std::size_t cq_used_ = 0;
@@ -428,17 +531,23 @@ private:
   std::uint32_t unsignalled_[64] = {};
   std::vector<std::unique_ptr<write_op>> pool_;
   std::vector<write_op*> free_;
-  std::deque<write_op*> active_;
+  std::deque<write_op*> active_;      // in initiation (seq) order
+  std::uint64_t next_seq_ = 0;
+  std::deque<std::unique_ptr<notice_op>> notices_;  // [0, sent_) sent, awaiting their echo
+  std::size_t sent_ = 0;
+  std::string out_;
+  shardline::detail::notice_frame ack_{};
+  std::size_t ack_filled_ = 0;
   std::shared_ptr<connection_state> keep_;
   std::error_code cause_;
+  std::error_code control_ec_;
   bool cause_from_wc_ = false;
   bool failed_ = false;
   bool closed_ = false;
-  bool peer_gone_ = false;
-  bool watch_pending_ = false;
+  bool reading_ = false;
+  bool sending_ = false;
   bool pumping_ = false;
   bool pump_pending_ = false;
-  char watch_byte_ = 0;
 };
 
 }  // namespace shardline::verbs::detail

@@ -1,30 +1,37 @@
-// shardline/verbs/detail/receiver_state.hpp: the receiver side: arenas, region table,
-// the accepted peers (each with its CQ and QPs) and the notifications they delivered.
+// shardline/verbs/detail/receiver_state.hpp: the receiver side: arenas and adopted memory,
+// the region table, the senders (each with its control socket and QPs) and their notices.
 #pragma once
 
+#include <shardline/detail/control.hpp>
 #include <shardline/error.hpp>
 #include <shardline/memory.hpp>
-#include <shardline/verbs/completion_queue.hpp>
+#include <shardline/transport.hpp>
 #include <shardline/verbs/detail/handler.hpp>
 #include <shardline/verbs/detail/handles.hpp>
 #include <shardline/verbs/device.hpp>
-#include <shardline/verbs/error.hpp>
 #include <shardline/verbs/memory_region.hpp>
 #include <shardline/verbs/options.hpp>
 #include <shardline/verbs/queue_pair.hpp>
 
+#include <asio/associated_cancellation_slot.hpp>
 #include <asio/basic_socket_acceptor.hpp>
 #include <asio/basic_stream_socket.hpp>
 #include <asio/buffer.hpp>
 #include <asio/cancellation_type.hpp>
 #include <asio/error.hpp>
 #include <asio/ip/tcp.hpp>
+#include <asio/read.hpp>
+#include <asio/write.hpp>
 
-#include <arpa/inet.h>
 #include <infiniband/verbs.h>
+#include <poll.h>
+#include <sys/socket.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <deque>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <utility>
@@ -38,82 +45,61 @@ class receiver_state final
 public:
   using socket_type = asio::basic_stream_socket<asio::ip::tcp, Executor>;
   using acceptor_type = asio::basic_socket_acceptor<asio::ip::tcp, Executor>;
-  using waiter = erased_handler<std::error_code, std::uint32_t>;
+  using waiter = erased_handler<std::error_code, notice>;
 
-  // One accepted sender.
-  class peer final : public cq_consumer, public std::enable_shared_from_this<peer> {
-  public:
-    peer(receiver_state* owner, const Executor& ex) : owner_(owner), socket(ex) {}
+  // One sender, from its TCP accept on. Writes land through its QPs; it never posts
+  // anything itself, so its CQ is never polled.
+  struct peer {
+    explicit peer(const Executor& ex) : socket(ex) {}
 
-    void init(const options& o, std::shared_ptr<device> dev, std::size_t qps) {
-      cq = std::make_unique<completion_queue<Mode, Executor>>(
-          socket.get_executor(), *dev,
-          static_cast<int>(std::max<std::size_t>(o.cq_entries, qps * o.max_send_wr)), o);
-      cq->set_consumer(this->weak_from_this(), this);
-      for (std::size_t i = 0; i < qps; ++i) {
-        this->qps.push_back(std::make_unique<queue_pair>(dev, cq->get(), 1, o.max_send_wr));
-        if (auto ec = this->qps.back()->to_init(IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_LOCAL_WRITE))
+    void init(const std::shared_ptr<device>& dev, std::size_t count) {
+      device_ = dev;
+      cq.reset(ibv_create_cq(dev->context(), 1, nullptr, nullptr, 0));
+      if (!cq)
+        throw error(std::error_code(errno, std::system_category()),
+                    "verbs receiver: ibv_create_cq on " + dev->name() + " failed");
+      for (std::size_t i = 0; i < count; ++i) {
+        qps.push_back(std::make_unique<queue_pair>(dev, cq.get(), 1, 1));
+        if (auto ec = qps.back()->to_init(IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_LOCAL_WRITE))
           throw error(ec, "verbs receiver: QP RESET->INIT failed: " + ec.message());
-        // WRITE WITH IMM consumes a receive: zero-length ones, posted before RTR.
-        for (std::uint32_t r = 0; r < o.max_send_wr; ++r)
-          if (auto ec = post_recv(*this->qps.back()))
-            throw error(ec, "verbs receiver: ibv_post_recv failed: " + ec.message());
       }
     }
 
-    static std::error_code post_recv(queue_pair& q) {
-      ibv_recv_wr wr{};
-      wr.wr_id = reinterpret_cast<std::uintptr_t>(&q);
-      ibv_recv_wr* bad = nullptr;
-      const int rc = ibv_post_recv(q.get(), &wr, &bad);
-      return rc ? std::error_code(rc, std::system_category()) : std::error_code{};
+    // The other end is gone and nothing it sent is left unread: the next read is its end.
+    bool ended() {
+      char byte;
+      ssize_t n;
+      do n = ::recv(socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+      while (n < 0 && errno == EINTR);
+      return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK);
     }
 
-    bool has_work() const noexcept override { return owner_->has_waiters(); }
-    void on_completion(const ibv_wc& wc) override {
-      auto* q = reinterpret_cast<queue_pair*>(static_cast<std::uintptr_t>(wc.wr_id));
-      if (wc.status == IBV_WC_SUCCESS) {
-        if (wc.opcode == IBV_WC_RECV_RDMA_WITH_IMM)
-          owner_->notifications_.emplace_back(std::error_code{}, ntohl(wc.imm_data));
-        if (q && !owner_->closed_) (void)post_recv(*q);
-      } else if (wc.status != IBV_WC_WR_FLUSH_ERR) {
-        owner_->notifications_.emplace_back(make_wc_error(wc.status), 0);
-      }
-    }
-    void after_drain() override { owner_->deliver(); }
-
-    void start_watch() {
-      if (watch_pending || !socket.is_open()) return;
-      watch_pending = true;
-      socket.async_read_some(asio::buffer(&byte, 1),
-                             [w = this->weak_from_this(), this](std::error_code ec, std::size_t) {
-                               auto keep = w.lock();
-                               if (!keep) return;
-                               watch_pending = false;
-                               if (!ec || ec == asio::error::operation_aborted) {
-                                 if (has_work() && !owner_->closed_) start_watch();
-                                 return;
-                               }
-                               // EOF: the sender is gone. What it committed before
-                               // still comes first.
-                               lost = true;
-                               cq->drain();
-                               owner_->deliver();
-                             });
+    // The other end hung up, though notices it sent before may still be unread.
+    bool hung_up() {
+      ::pollfd p{socket.native_handle(), POLLRDHUP, 0};
+      return ::poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR));
     }
 
-    receiver_state* owner_;
+    // Releases the verbs objects now; the peer itself may live on in a pending handler.
+    void release() noexcept {
+      qps.clear();
+      cq.reset();
+    }
+
     socket_type socket;
-    std::unique_ptr<completion_queue<Mode, Executor>> cq;
+    std::shared_ptr<device> device_;  // before cq: destroyed after it
+    cq_handle cq;
     std::vector<std::unique_ptr<queue_pair>> qps;  // after cq: destroyed first
-    bool lost = false;
-    bool watch_pending = false;
-    char byte = 0;
+    std::uint32_t sender = 0;
+    bool claimed = false;  // admitted: its id is taken until it leaves
+    bool serving = false;  // connected: its notices are read
+    shardline::detail::notice_frame frame{};  // the notice read last, echoed as its ack
   };
 
   receiver_state(const Executor& ex, std::shared_ptr<device> dev, const options& o,
-                 const asio::ip::tcp::endpoint& listen)
-      : ex_(ex), opts_(o), device_(std::move(dev)), acceptor_(ex) {
+                 const asio::ip::tcp::endpoint& listen, std::size_t notice_depth)
+      : ex_(ex), opts_(o), device_(std::move(dev)), acceptor_(ex),
+        depth_(notice_depth) {
     acceptor_.open(listen.protocol());
     acceptor_.set_option(asio::socket_base::reuse_address(true));
     acceptor_.bind(listen);
@@ -121,7 +107,9 @@ public:
   }
 
   ~receiver_state() {
-    // Peers (QPs, CQs) go before the arenas they may write.
+    // Peers' QPs and CQs go before the memory they may write, even where a pending handler
+    // still holds the peer.
+    for (auto& p : peers_) p->release();
     peers_.clear();
   }
 
@@ -130,6 +118,7 @@ public:
   const std::shared_ptr<device>& dev() const noexcept { return device_; }
   const region_table& table() const noexcept { return table_; }
   bool closed() const noexcept { return closed_; }
+  void admit(admission a) noexcept { admitted_ = a; }
 
   std::span<std::byte> allocate(std::size_t bytes) {
     arena a;
@@ -143,75 +132,113 @@ public:
     return s;
   }
 
-  void expose(std::string name, std::span<std::byte> bytes) {
-    for (auto& a : arenas_) {
-      if (a.mr.region().contains(bytes.data(), bytes.size())) {
-        if (table_.find(name))
-          throw error(make_error_code(errc::invalid_argument),
-                      "verbs receiver: region '" + name + "' is already exposed");
-        table_.add({std::move(name), reinterpret_cast<std::uintptr_t>(bytes.data()),
-                    bytes.size(), a.mr.rkey()});
-        return;
+  // Inside an arena: its rkey. Elsewhere: a region of its own over exactly those bytes,
+  // remote write only (never remote read), kept until this state goes.
+  void expose(exposure e) {
+    std::uint32_t key = 0;
+    std::optional<memory_region> adopted;
+    const auto in = std::find_if(arenas_.begin(), arenas_.end(), [&](const arena& a) {
+      return a.mr.region().contains(e.bytes.data(), e.bytes.size());
+    });
+    if (in != arenas_.end()) {
+      key = in->mr.rkey();
+    } else if (!e.bytes.empty()) {
+      try {
+        adopted.emplace(device_, e.bytes, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+      } catch (const error& x) {
+        throw error(x.code(), "verbs receiver: region '" + e.name + "' (" +
+                                  std::to_string(e.bytes.size()) +
+                                  " bytes outside every allocate()d arena) cannot be registered: " +
+                                  x.what());
       }
+      key = adopted->rkey();
     }
-    throw error(make_error_code(errc::invalid_argument),
-                "verbs receiver: region '" + name +
-                    "' is not inside an arena returned by allocate()");
+    try {
+      table_.add({e.name, reinterpret_cast<std::uintptr_t>(e.bytes.data()), e.bytes.size(), key,
+                  e.location, std::move(e.layout)});
+    } catch (const error& x) {
+      throw error(x.code(), std::string("verbs receiver: ") + x.what());
+    }
+    if (adopted) adopted_.push_back(std::move(*adopted));
   }
 
-  void add_peer(std::shared_ptr<peer> p) {
-    peers_.push_back(std::move(p));
-    if (has_waiters()) {
-      peers_.back()->cq->kick();
-      peers_.back()->start_watch();
-    }
+  // ---- senders ----------------------------------------------------------------------------
+
+  std::shared_ptr<peer> new_peer() {
+    peers_.push_back(std::make_shared<peer>(ex_));
+    return peers_.back();
   }
 
-  bool has_waiters() const noexcept { return !waiters_.empty(); }
+  // Why `who` may not connect now, or success. A connection with the same id whose other
+  // end is gone (a restarted sender can be back before its predecessor's end was read) is
+  // retired now when nothing it sent is left unread; when notices are, `retry` is set: the
+  // reads under way will reach its end, after which `who` is welcome.
+  std::error_code check(const std::shared_ptr<peer>& p, const sender_identity& who, bool& retry) {
+    retry = false;
+    if (closed_) return make_error_code(errc::not_connected);
+    if (auto ec = admitted_.check(who)) return ec;
+    const auto twin = std::find_if(peers_.begin(), peers_.end(), [&](const auto& o) {
+      return o != p && o->claimed && o->sender == who.sender;
+    });
+    if (twin == peers_.end()) return {};
+    const auto o = *twin;
+    if (o->serving && o->ended()) {
+      drop(o, make_error_code(errc::peer_disconnected));
+      return {};
+    }
+    retry = o->serving && o->hung_up();
+    return make_error_code(errc::invalid_argument);  // sender `who` is already connected
+  }
+
+  void claim(const std::shared_ptr<peer>& p, std::uint32_t sender) {
+    p->sender = sender;
+    p->claimed = true;
+  }
+
+  // The handshake failed or was refused: the peer goes, its id with it.
+  void forget(const std::shared_ptr<peer>& p) {
+    std::error_code ignored;
+    p->socket.close(ignored);
+    p->release();
+    p->claimed = false;
+    const auto it = std::find(peers_.begin(), peers_.end(), p);
+    if (it != peers_.end()) peers_.erase(it);
+  }
+
+  // The handshake is done: from now on its notices are read.
+  void serve(const std::shared_ptr<peer>& p) {
+    p->serving = true;
+    read_notice(p);
+  }
+
+  // ---- notices ----------------------------------------------------------------------------
+
+  template <class Handler>
+  void start_wait(Handler&& handler) {
+    auto slot = asio::get_associated_cancellation_slot(handler);
+    auto h = erase_handler<std::error_code, notice>(std::forward<Handler>(handler), ex_);
+    if (closed_) return h->complete(make_error_code(errc::not_connected), notice{});
+    if (!notices_.empty()) {
+      auto e = std::move(notices_.front());
+      notices_.pop_front();
+      h->complete(e.ec, e.n);
+      if (e.owed) ack(e.owed);
+      return ack_within_depth();
+    }
+    waiter* raw = h.get();
+    waiters_.push_back({std::move(h), slot});
+    if (slot.is_connected())
+      slot.template emplace<canceller>(canceller{this->weak_from_this(), raw});
+  }
 
   struct canceller {
     std::weak_ptr<receiver_state> state;
     waiter* w;
     void operator()(asio::cancellation_type type) const {
-      if ((type & asio::cancellation_type::terminal) == asio::cancellation_type::none) return;
+      if (type == asio::cancellation_type::none) return;
       if (auto s = state.lock()) s->cancel(w);
     }
   };
-
-  template <class Handler>
-  void start_wait(Handler&& handler) {
-    auto slot = asio::get_associated_cancellation_slot(handler);
-    auto h = erase_handler<std::error_code, std::uint32_t>(std::forward<Handler>(handler), ex_);
-    if (closed_) return h->complete(make_error_code(errc::not_connected), 0);
-    waiter* raw = h.get();
-    waiters_.push_back({std::move(h), slot});
-    if (slot.is_connected())
-      slot.template emplace<canceller>(canceller{this->weak_from_this(), raw});
-    if (!notifications_.empty()) return deliver();
-    for (auto& p : peers_) {
-      p->cq->kick();
-      p->start_watch();
-    }
-    deliver();  // a peer already lost and nothing queued
-  }
-
-  void deliver() {
-    while (!waiters_.empty() && !notifications_.empty()) {
-      auto [ec, v] = notifications_.front();
-      notifications_.pop_front();
-      pop_waiter()->complete(ec, v);
-    }
-    bool lost = false;
-    for (auto& p : peers_) lost |= p->lost;
-    if (lost && notifications_.empty())
-      while (!waiters_.empty())
-        pop_waiter()->complete(make_error_code(errc::peer_disconnected), 0);
-    if (waiters_.empty()) {
-      std::error_code ignored;
-      for (auto& p : peers_)
-        if (p->watch_pending) p->socket.cancel(ignored);
-    }
-  }
 
   void cancel(waiter* w) {
     for (auto it = waiters_.begin(); it != waiters_.end(); ++it)
@@ -219,7 +246,7 @@ public:
         auto h = std::move(it->handler);
         it->slot.clear();
         waiters_.erase(it);
-        h->complete(asio::error::operation_aborted, 0);
+        h->complete(asio::error::operation_aborted, notice{});
         return;
       }
   }
@@ -230,13 +257,65 @@ public:
     std::error_code ignored;
     acceptor_.close(ignored);
     for (auto& p : peers_) {
+      p->serving = false;
       for (auto& q : p->qps) q->to_error();
       p->socket.close(ignored);
     }
-    while (!waiters_.empty()) pop_waiter()->complete(asio::error::operation_aborted, 0);
+    notices_.clear();
+    while (!waiters_.empty()) pop_waiter()->complete(asio::error::operation_aborted, notice{});
   }
 
 private:
+  // One frame at a time per sender: read it, hand it to a waiter or queue it, echo it once
+  // this process holds it (taken, or queued within depth_), then read the next.
+  void read_notice(std::shared_ptr<peer> p) {
+    asio::async_read(p->socket, asio::buffer(p->frame),
+                     [w = this->weak_from_this(), p](std::error_code ec, std::size_t) {
+                       auto s = w.lock();
+                       if (!s || s->closed_ || !p->serving) return;
+                       if (ec) return s->drop(p, make_error_code(errc::peer_disconnected));
+                       notice n;
+                       if (auto bad = shardline::detail::decode_notice(p->frame, p->sender, n))
+                         return s->drop(p, bad);
+                       if (!s->waiters_.empty()) {
+                         s->pop_waiter()->complete({}, n);
+                       } else if (s->notices_.size() >= s->depth_) {
+                         s->notices_.push_back({{}, n, p});  // acknowledged when taken
+                         return;
+                       } else {
+                         s->notices_.push_back({{}, n, nullptr});
+                       }
+                       s->ack(p);
+                     });
+  }
+
+  void ack(std::shared_ptr<peer> p) {
+    if (!p->serving) return;
+    asio::async_write(p->socket, asio::buffer(p->frame),
+                      [w = this->weak_from_this(), p](std::error_code ec, std::size_t) {
+                        auto s = w.lock();
+                        if (!s || s->closed_ || !p->serving) return;
+                        if (ec) return s->drop(p, make_error_code(errc::peer_disconnected));
+                        s->read_notice(p);
+                      });
+  }
+
+  // A notice taken from the queue made room: those now within depth_ are held here.
+  void ack_within_depth() {
+    for (std::size_t i = 0; i < notices_.size() && i < depth_; ++i)
+      if (auto p = std::move(notices_[i].owed)) ack(std::move(p));
+  }
+
+  // A sender left (or spoke garbage): its QPs go now, and the waiters learn it after every
+  // notice it sent before.
+  void drop(const std::shared_ptr<peer>& p, std::error_code why) {
+    p->serving = false;
+    forget(p);
+    const notice left{p->sender, notice_kind::abort, 0};
+    if (!waiters_.empty()) return pop_waiter()->complete(why, left);
+    notices_.push_back({why, left, nullptr});
+  }
+
   struct arena {
     mapping map;         // first: unmapped after the MR is deregistered
     memory_region mr;
@@ -244,6 +323,11 @@ private:
   struct pending {
     std::unique_ptr<waiter> handler;
     asio::cancellation_slot slot;
+  };
+  struct entry {
+    std::error_code ec;
+    notice n;
+    std::shared_ptr<peer> owed;  // the sender whose ack waits until this one is held
   };
 
   std::unique_ptr<waiter> pop_waiter() {
@@ -258,10 +342,13 @@ private:
   std::shared_ptr<device> device_;
   acceptor_type acceptor_;
   std::vector<arena> arenas_;
+  std::vector<memory_region> adopted_;
   region_table table_;
-  std::vector<std::shared_ptr<peer>> peers_;
-  std::deque<std::pair<std::error_code, std::uint32_t>> notifications_;
+  admission admitted_;
+  std::vector<std::shared_ptr<peer>> peers_;  // last: destroyed first (and cleared earlier)
+  std::deque<entry> notices_;
   std::deque<pending> waiters_;
+  std::size_t depth_;
   bool closed_ = false;
 };
 

@@ -1,0 +1,557 @@
+// The verbs transport's control side, in the Soft-RoCE VM (tests/rxe/run): admission and
+// refusals, acknowledged notices from several senders, senders that leave and come back,
+// clients that speak garbage, and memory the receiver adopts instead of allocating.
+#include <shardline/verbs/transport.hpp>
+
+#include "verbs_support.hpp"
+
+#include <shardline/detail/control.hpp>
+#include <shardline/verbs/detail/wire.hpp>
+
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+#include <asio/experimental/as_tuple.hpp>
+#include <asio/io_context.hpp>
+#include <asio/read.hpp>
+#include <asio/use_awaitable.hpp>
+#include <asio/use_future.hpp>
+#include <asio/write.hpp>
+
+#include <doctest/doctest.h>
+
+#include <array>
+#include <cerrno>
+#include <cstring>
+#include <future>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace verbs_test;
+namespace sd = shardline::detail;
+
+namespace {
+
+// Notices the receiver delivered, in order, with their codes.
+struct notice_log {
+  std::vector<std::pair<std::error_code, sl::notice>> got;
+  void wait(sv::transport::receiver& r) {
+    r.async_wait_notification([this](std::error_code ec, sl::notice n) { got.emplace_back(ec, n); });
+  }
+};
+
+// Writes `w` then notices `kind` of `version`; true when both succeeded.
+bool write_and_notify(asio::io_context& io, sv::transport::connection& c, const sl::write_request& w,
+                      sl::notice_kind kind, std::uint32_t version) {
+  std::optional<std::error_code> wrote, notified;
+  c.async_write(std::span(&w, 1), [&](std::error_code ec) { wrote = ec; });
+  c.async_notify(kind, version, [&](std::error_code ec) { notified = ec; });
+  REQUIRE(run_until(io, [&] { return wrote && notified; }));
+  CHECK_FALSE(*wrote);
+  CHECK_FALSE(*notified);
+  return !*wrote && !*notified;
+}
+
+}  // namespace
+
+TEST_CASE("verbs control: async_notify completes only once the receiver acknowledged it; unawaited notices queue in order") {
+  if (!have_device()) return;
+  // Sender and receiver on separate io_contexts: the receiver acknowledges only while its
+  // context runs.
+  asio::io_context sender_io, receiver_io;
+  sv::transport ts(sender_io.get_executor());
+  sv::transport tr(receiver_io.get_executor());
+  sv::transport::receiver r(tr, listen_endpoint());
+  r.expose("model", r.allocate(4096));
+  auto h = connect(sender_io, receiver_io, ts, r, {5, 0});
+  REQUIRE_FALSE(h.accept_ec);
+  REQUIRE_FALSE(h.connect_ec);
+  CHECK(h.sender == 5);
+  auto& c = *h.conn;
+
+  std::optional<std::error_code> first;
+  c.async_notify(sl::notice_kind::begin, 1, [&](std::error_code ec) { first = ec; });
+  sender_io.restart();
+  sender_io.run_for(300ms);  // the frame is sent; nobody acknowledges it yet
+  CHECK_FALSE(first.has_value());
+  REQUIRE(run_until({&sender_io, &receiver_io}, [&] { return first.has_value(); }));
+  CHECK_FALSE(*first);
+
+  // Nobody waited: the notice was queued, then acknowledged. Four more, unawaited.
+  std::vector<std::error_code> acks;
+  c.async_notify(sl::notice_kind::commit, 1, [&](std::error_code ec) { acks.push_back(ec); });
+  c.async_notify(sl::notice_kind::begin, 2, [&](std::error_code ec) { acks.push_back(ec); });
+  c.async_notify(sl::notice_kind::abort, 2, [&](std::error_code ec) { acks.push_back(ec); });
+  c.async_notify(sl::notice_kind::withdraw, 3, [&](std::error_code ec) { acks.push_back(ec); });
+  REQUIRE(run_until({&sender_io, &receiver_io}, [&] { return acks.size() == 4; }));
+  for (auto& ec : acks) CHECK_FALSE(ec);
+  notice_log log;
+  for (int i = 0; i < 5; ++i) log.wait(r);
+  REQUIRE(run_until(receiver_io, [&] { return log.got.size() == 5; }));
+  const std::vector<sl::notice> expected{{5, sl::notice_kind::begin, 1},
+                                         {5, sl::notice_kind::commit, 1},
+                                         {5, sl::notice_kind::begin, 2},
+                                         {5, sl::notice_kind::abort, 2},
+                                         {5, sl::notice_kind::withdraw, 3}};
+  for (std::size_t i = 0; i < 5; ++i) {
+    CAPTURE(i);
+    CHECK_FALSE(log.got[i].first);
+    CHECK(log.got[i].second == expected[i]);
+  }
+}
+
+TEST_CASE("verbs control: with notice_depth 0 a notice is acknowledged only when a wait takes it, and a queued one holds its sender's next") {
+  if (!have_device()) return;
+  asio::io_context io;
+  sv::transport t(io.get_executor());
+  sv::transport::receiver r(t, listen_endpoint(), 0);
+  r.expose("model", r.allocate(4096));
+  auto h = connect(io, t, r, {1, 0});
+  REQUIRE_FALSE(h.connect_ec);
+  std::optional<std::error_code> first, second;
+  h.conn->async_notify(sl::notice_kind::begin, 1, [&](std::error_code ec) { first = ec; });
+  h.conn->async_notify(sl::notice_kind::commit, 1, [&](std::error_code ec) { second = ec; });
+  io.restart();
+  io.run_for(300ms);  // both sides run; nobody waits
+  CHECK_FALSE(first.has_value());
+  CHECK_FALSE(second.has_value());
+  notice_log log;
+  log.wait(r);
+  REQUIRE(run_until(io, [&] { return first.has_value(); }));
+  CHECK_FALSE(*first);
+  REQUIRE(log.got.size() == 1);
+  CHECK(log.got[0].second == sl::notice{1, sl::notice_kind::begin, 1});
+  io.restart();
+  io.run_for(300ms);
+  CHECK_FALSE(second.has_value());  // the next waits for the next wait
+  log.wait(r);
+  REQUIRE(run_until(io, [&] { return second.has_value() && log.got.size() == 2; }));
+  CHECK_FALSE(*second);
+  CHECK(log.got[1].second == sl::notice{1, sl::notice_kind::commit, 1});
+}
+
+TEST_CASE("verbs control: two senders to one receiver, notices named by sender; one leaves, the other is served on") {
+  if (!have_device()) return;
+  asio::io_context io;
+  sv::transport t(io.get_executor());
+  sv::transport::receiver r(t, listen_endpoint());
+  r.admit({2, 0});
+  auto arena = r.allocate(2 * 4096);
+  r.expose("rank0", arena.subspan(0, 4096));
+  r.expose("rank1", arena.subspan(4096, 4096));
+  std::vector<std::byte> staging(2 * 4096);
+  fill(staging, 11);
+  auto reg = t.register_memory(staging);
+  auto a = connect(io, t, r, {0, 0});
+  auto b = connect(io, t, r, {1, 0});
+  REQUIRE_FALSE(a.connect_ec);
+  REQUIRE_FALSE(b.connect_ec);
+  CHECK(a.sender == 0);
+  CHECK(b.sender == 1);
+  const auto wa = sl::make_write(reg.region(), std::span(staging).subspan(0, 4096),
+                                 *a.conn->remote_regions().find("rank0"));
+  const auto wb = sl::make_write(reg.region(), std::span(staging).subspan(4096, 4096),
+                                 *b.conn->remote_regions().find("rank1"));
+  notice_log log;
+  for (int i = 0; i < 2; ++i) log.wait(r);
+  CHECK(write_and_notify(io, *b.conn, wb, sl::notice_kind::commit, 20));
+  CHECK(write_and_notify(io, *a.conn, wa, sl::notice_kind::commit, 10));
+  REQUIRE(run_until(io, [&] { return log.got.size() == 2; }));
+  CHECK(log.got[0].second == sl::notice{1, sl::notice_kind::commit, 20});
+  CHECK(log.got[1].second == sl::notice{0, sl::notice_kind::commit, 10});
+  CHECK(same(staging, arena));
+
+  // Sender 0 leaves: the receiver learns it by name and keeps serving sender 1.
+  a.conn->close();
+  CHECK_FALSE(a.conn->is_open());
+  log.wait(r);
+  REQUIRE(run_until(io, [&] { return log.got.size() == 3; }));
+  CHECK(log.got[2].first == sl::errc::peer_disconnected);
+  CHECK(log.got[2].second == sl::notice{0, sl::notice_kind::abort, 0});
+  fill(staging, 12);
+  log.wait(r);
+  CHECK(write_and_notify(io, *b.conn, wb, sl::notice_kind::commit, 21));
+  REQUIRE(run_until(io, [&] { return log.got.size() == 4; }));
+  CHECK_FALSE(log.got[3].first);
+  CHECK(log.got[3].second == sl::notice{1, sl::notice_kind::commit, 21});
+  CHECK(same(std::span(staging).subspan(4096), arena.subspan(4096)));
+  // The closed connection fails at once.
+  auto late = a.conn->async_notify(sl::notice_kind::begin, 1, asio::use_future);
+  REQUIRE(run_until(io, [&] { return late.wait_for(0s) == std::future_status::ready; }));
+  CHECK_THROWS_AS(late.get(), std::system_error);
+}
+
+TEST_CASE("verbs control: a second live connection with the same id is refused; after it leaves, it reconnects") {
+  if (!have_device()) return;
+  asio::io_context io;
+  sv::transport t(io.get_executor());
+  sv::transport::receiver r(t, listen_endpoint());
+  auto arena = r.allocate(4096);
+  r.expose("model", arena);
+  std::vector<std::byte> staging(4096);
+  auto reg = t.register_memory(staging);
+  auto first = connect(io, t, r, {3, 0});
+  REQUIRE_FALSE(first.connect_ec);
+
+  auto twin = connect(io, t, r, {3, 0});
+  CHECK(twin.connect_ec == sl::errc::invalid_argument);
+  CHECK(twin.accept_ec == sl::errc::invalid_argument);
+  CHECK(twin.sender == 3);
+  CHECK_FALSE(twin.conn.has_value());
+  CHECK(first.conn->is_open());
+
+  // Closed and reconnected at once: the receiver reads the old connection to its end first.
+  first.conn->close();
+  auto again = connect(io, t, r, {3, 0});
+  REQUIRE_FALSE(again.accept_ec);
+  REQUIRE_FALSE(again.connect_ec);
+  notice_log log;
+  log.wait(r);
+  log.wait(r);
+  fill(staging, 13);
+  CHECK(write_and_notify(io, *again.conn, sl::make_write(reg.region(), staging, again.conn->remote_regions().regions()[0]),
+                         sl::notice_kind::commit, 2));
+  REQUIRE(run_until(io, [&] { return log.got.size() == 2; }));
+  CHECK(log.got[0].first == sl::errc::peer_disconnected);
+  CHECK(log.got[0].second == sl::notice{3, sl::notice_kind::abort, 0});
+  CHECK_FALSE(log.got[1].first);
+  CHECK(log.got[1].second == sl::notice{3, sl::notice_kind::commit, 2});
+  CHECK(same(staging, arena));
+}
+
+TEST_CASE("verbs control: refused senders learn why and see no region; the admitted one is served") {
+  if (!have_device()) return;
+  asio::io_context io;
+  sv::transport t(io.get_executor());
+  sv::transport::receiver r(t, listen_endpoint());
+  auto arena = r.allocate(4096);
+  r.expose("model", arena);
+  r.admit({2, 0xabc});
+  std::vector<std::byte> staging(4096);
+  fill(staging, 14);
+  auto reg = t.register_memory(staging);
+
+  auto other_plan = connect(io, t, r, {1, 0xdef});
+  CHECK(other_plan.connect_ec == sl::errc::plan_mismatch);
+  CHECK(other_plan.accept_ec == sl::errc::plan_mismatch);
+  CHECK(other_plan.sender == 1);
+  CHECK_FALSE(other_plan.conn.has_value());
+
+  auto stranger = connect(io, t, r, {2, 0xabc});
+  CHECK(stranger.connect_ec == sl::errc::unknown_sender);
+  CHECK(stranger.accept_ec == sl::errc::unknown_sender);
+  CHECK(stranger.sender == 2);
+
+  // A hello of another protocol version, by hand: refused with that reason.
+  {
+    asio::ip::tcp::socket s(io);
+    s.connect(r.local_endpoint());
+    std::string hello = "SLVB";
+    sd::put_le<std::uint32_t>(hello, sd::control_protocol + 1);
+    sd::put_le<std::uint32_t>(hello, 1);
+    sd::put_le<std::uint64_t>(hello, 0xabc);
+    std::optional<std::error_code> accepted;
+    r.async_accept([&](std::error_code ec, std::uint32_t) { accepted = ec; });
+    asio::write(s, asio::buffer(hello));
+    std::array<std::byte, sd::verdict_bytes> verdict{};
+    std::optional<std::error_code> read;
+    asio::async_read(s, asio::buffer(verdict), [&](std::error_code ec, std::size_t) { read = ec; });
+    REQUIRE(run_until(io, [&] { return accepted && read; }));
+    CHECK(*accepted == sl::errc::protocol_version_mismatch);
+    REQUIRE_FALSE(*read);
+    CHECK(sd::decode_verdict(verdict) == sl::errc::protocol_version_mismatch);
+  }
+
+  auto legit = connect(io, t, r, {1, 0xabc});
+  REQUIRE_FALSE(legit.accept_ec);
+  REQUIRE_FALSE(legit.connect_ec);
+  CHECK(legit.sender == 1);
+  notice_log log;
+  log.wait(r);
+  CHECK(write_and_notify(io, *legit.conn, sl::make_write(reg.region(), staging, legit.conn->remote_regions().regions()[0]),
+                         sl::notice_kind::commit, 1));
+  REQUIRE(run_until(io, [&] { return log.got.size() == 1; }));
+  CHECK(log.got[0].second == sl::notice{1, sl::notice_kind::commit, 1});
+  CHECK(same(staging, arena));
+}
+
+namespace {
+// A TCP client that sends `bytes` and reads whatever comes back until the receiver closes.
+struct raw_client {
+  raw_client(asio::io_context& io, asio::ip::tcp::endpoint ep, std::string bytes) : s(io), out(std::move(bytes)) {
+    s.connect(ep);
+    if (!out.empty()) asio::write(s, asio::buffer(out));
+    read_more();
+  }
+  void read_more() {
+    s.async_read_some(asio::buffer(chunk), [this](std::error_code ec, std::size_t n) {
+      got.append(chunk.data(), n);
+      if (ec) end = ec;
+      else read_more();
+    });
+  }
+  asio::ip::tcp::socket s;
+  std::string out;
+  std::array<char, 4096> chunk{};
+  std::string got;
+  std::optional<std::error_code> end;
+};
+}  // namespace
+
+TEST_CASE("verbs control: clients that send garbage or nothing get no region table, and the receiver serves on") {
+  if (!have_device()) return;
+  asio::io_context io;
+  sv::options o;
+  o.connect_timeout = 1000ms;  // bounds the silent client's handshake
+  sv::transport t(io.get_executor(), o);
+  sv::transport::receiver r(t, listen_endpoint());
+  auto arena = r.allocate(4096);
+  r.expose("secret.weights", arena);
+  std::mt19937 random(20261128);
+  const auto noise = [&](std::size_t n) {
+    std::string s(n, '\0');
+    for (auto& c : s) c = static_cast<char>(random());
+    s[0] = 'x';  // never the magic by chance
+    return s;
+  };
+
+  SUBCASE("a hello's worth of random bytes: the verdict says protocol_error, then the end") {
+    std::optional<std::error_code> accepted;
+    r.async_accept([&](std::error_code ec, std::uint32_t) { accepted = ec; });
+    raw_client c(io, r.local_endpoint(), noise(sd::hello_bytes));
+    REQUIRE(run_until(io, [&] { return accepted && c.end; }));
+    CHECK(*accepted == sl::errc::protocol_error);
+    REQUIRE(c.got.size() == sd::verdict_bytes);
+    std::array<std::byte, sd::verdict_bytes> v{};
+    std::memcpy(v.data(), c.got.data(), v.size());
+    CHECK(sd::decode_verdict(v) == sl::errc::protocol_error);
+  }
+  SUBCASE("64 KiB of random bytes: nothing but a verdict comes back") {
+    std::optional<std::error_code> accepted;
+    r.async_accept([&](std::error_code ec, std::uint32_t) { accepted = ec; });
+    raw_client c(io, r.local_endpoint(), noise(64 << 10));
+    REQUIRE(run_until(io, [&] { return accepted && c.end; }));
+    CHECK(*accepted == sl::errc::protocol_error);
+    CHECK(c.got.size() <= sd::verdict_bytes);
+    CHECK(c.got.find("secret.weights") == std::string::npos);
+  }
+  SUBCASE("a client that says nothing: its handshake times out") {
+    std::optional<std::error_code> accepted;
+    r.async_accept([&](std::error_code ec, std::uint32_t) { accepted = ec; });
+    raw_client c(io, r.local_endpoint(), "");
+    REQUIRE(run_until(io, [&] { return accepted && c.end; }));
+    CHECK(*accepted == asio::error::timed_out);
+    CHECK(c.got.empty());
+  }
+  // Then a real sender is served.
+  std::vector<std::byte> staging(4096);
+  fill(staging, 15);
+  auto reg = t.register_memory(staging);
+  auto legit = connect(io, t, r, {0, 0});
+  REQUIRE_FALSE(legit.accept_ec);
+  REQUIRE_FALSE(legit.connect_ec);
+  notice_log log;
+  log.wait(r);
+  CHECK(write_and_notify(io, *legit.conn, sl::make_write(reg.region(), staging, legit.conn->remote_regions().regions()[0]),
+                         sl::notice_kind::commit, 1));
+  REQUIRE(run_until(io, [&] { return log.got.size() == 1; }));
+  CHECK(log.got[0].second == sl::notice{0, sl::notice_kind::commit, 1});
+  CHECK(same(staging, arena));
+}
+
+namespace {
+// An admitted sender done by hand (hello, verdict, a made-up QP, the table), which then
+// sends a malformed notice frame.
+asio::awaitable<void> garbage_notice(asio::ip::tcp::endpoint ep, ibv_gid gid, std::string* table,
+                                     std::error_code* end, bool* done) {
+  asio::ip::tcp::socket s(co_await asio::this_coro::executor);
+  co_await s.async_connect(ep, asio::use_awaitable);
+  const auto hello = sd::encode_hello(sv::detail::hello_magic, {7, 0});
+  co_await asio::async_write(s, asio::buffer(hello), asio::use_awaitable);
+  std::array<std::byte, sd::verdict_bytes> verdict{};
+  co_await asio::async_read(s, asio::buffer(verdict), asio::use_awaitable);
+  const std::string qps = sv::detail::encode_endpoints(gid, {sv::qp_endpoint{0x123, 0}});
+  co_await asio::async_write(s, asio::buffer(qps), asio::use_awaitable);
+  std::string reply(sv::detail::wire_fixed + 8 + 8, '\0');
+  co_await asio::async_read(s, asio::buffer(reply), asio::use_awaitable);
+  table->resize(sd::get_le<std::uint64_t>(reply.data() + sv::detail::wire_fixed + 8));
+  co_await asio::async_read(s, asio::buffer(*table), asio::use_awaitable);
+  sd::notice_frame bad{};
+  bad[0] = std::byte{9};  // no such kind
+  co_await asio::async_write(s, asio::buffer(bad), asio::use_awaitable);
+  char c = 0;
+  auto [ec, n] = co_await s.async_read_some(asio::buffer(&c, 1), asio::experimental::as_tuple(asio::use_awaitable));
+  (void)n;
+  *end = ec;
+  *done = true;
+}
+}  // namespace
+
+TEST_CASE("verbs control: a malformed notice frame is a protocol_error naming its sender, whose connection is dropped") {
+  if (!have_device()) return;
+  asio::io_context io;
+  sv::transport t(io.get_executor());
+  sv::transport::receiver r(t, listen_endpoint());
+  r.expose("model", r.allocate(4096));
+  std::optional<std::error_code> accepted;
+  r.async_accept([&](std::error_code ec, std::uint32_t sender) {
+    accepted = ec;
+    CHECK(sender == 7);
+  });
+  notice_log log;
+  log.wait(r);
+  std::string table;
+  std::error_code end;
+  bool done = false;
+  asio::co_spawn(io, garbage_notice(r.local_endpoint(), t.get_device().gid(), &table, &end, &done),
+                 [](std::exception_ptr e) { CHECK_FALSE(e); });
+  REQUIRE(run_until(io, [&] { return done && log.got.size() == 1; }));
+  REQUIRE(accepted.has_value());
+  CHECK_FALSE(*accepted);
+  CHECK(sl::region_table::parse(table).regions() == r.regions().regions());
+  CHECK(log.got[0].first == sl::errc::protocol_error);
+  CHECK(log.got[0].second == sl::notice{7, sl::notice_kind::abort, 0});
+  CHECK(end == asio::error::eof);
+}
+
+namespace {
+// Two RC QPs on one device connected to each other, outside the transport: they reach the
+// transport's memory regions by rkey, as another process on the network could.
+struct raw_link {
+  explicit raw_link(std::shared_ptr<sv::device> dev) {
+    cq.reset(ibv_create_cq(dev->context(), 8, nullptr, nullptr, 0));
+    REQUIRE(cq);
+    requester = std::make_unique<sv::queue_pair>(dev, cq.get(), 4, 1);
+    responder = std::make_unique<sv::queue_pair>(dev, cq.get(), 1, 1);
+    REQUIRE_FALSE(requester->to_init(0));
+    // The responder QP allows everything: what is refused is the memory region's call.
+    REQUIRE_FALSE(responder->to_init(IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ));
+    sv::options o;
+    o.retry_count = 1;
+    REQUIRE_FALSE(requester->connect(dev->gid(), responder->local(), o));
+    REQUIRE_FALSE(responder->connect(dev->gid(), requester->local(), o));
+  }
+  // One signalled WR on the requester; its work completion status.
+  ibv_wc_status run(ibv_wr_opcode op, const sl::local_region& local, std::uint64_t remote, std::uint32_t rkey) {
+    ibv_sge sge{reinterpret_cast<std::uintptr_t>(local.data), static_cast<std::uint32_t>(local.size), local.key};
+    ibv_send_wr wr{};
+    wr.opcode = op;
+    wr.sg_list = &sge;
+    wr.num_sge = 1;
+    wr.send_flags = IBV_SEND_SIGNALED;
+    wr.wr.rdma.remote_addr = remote;
+    wr.wr.rdma.rkey = rkey;
+    ibv_send_wr* bad = nullptr;
+    REQUIRE(ibv_post_send(requester->get(), &wr, &bad) == 0);
+    ibv_wc wc{};
+    // Bounded only so that a lost completion cannot hang the suite.
+    const auto deadline = std::chrono::steady_clock::now() + 60s;
+    while (ibv_poll_cq(cq.get(), 1, &wc) == 0) REQUIRE(std::chrono::steady_clock::now() < deadline);
+    return wc.status;
+  }
+  sv::detail::cq_handle cq;
+  std::unique_ptr<sv::queue_pair> requester, responder;  // after cq: destroyed first
+};
+}  // namespace
+
+TEST_CASE("verbs control: memory the receiver owns is adopted: registered on its own, written by the sender, never readable remotely") {
+  if (!have_device()) return;
+  asio::io_context io;
+  sv::transport t(io.get_executor());
+  sv::transport::receiver r(t, listen_endpoint());
+  auto arena = r.allocate(4096);
+  r.expose("arena.bias", arena);
+  std::vector<std::byte> owned(32 * 64 * 2);  // the test's own tensor: bf16 [32, 64]
+  const sl::tensor_layout layout{sl::dtype::bf16, {32, 64}};
+  r.expose({"adopted.weight", owned, sl::memory_location::host(), layout});
+  std::vector<std::byte> staging(owned.size());
+  fill(staging, 16);
+  auto reg = t.register_memory(staging, sl::memory_location::host());
+  CHECK(reg.region().location == sl::memory_location::host());
+
+  auto h = connect(io, t, r);
+  REQUIRE_FALSE(h.connect_ec);
+  const auto* adopted = h.conn->remote_regions().find("adopted.weight");
+  const auto* in_arena = h.conn->remote_regions().find("arena.bias");
+  REQUIRE(adopted);
+  REQUIRE(in_arena);
+  CHECK(adopted->address == reinterpret_cast<std::uintptr_t>(owned.data()));
+  CHECK(adopted->length == owned.size());
+  CHECK(adopted->location == sl::memory_location::host());
+  REQUIRE(adopted->layout.has_value());
+  CHECK(*adopted->layout == layout);
+  CHECK(adopted->key != in_arena->key);  // its own registration, not an arena's
+
+  const auto w = sl::make_write(reg.region(), staging, *adopted);
+  auto f = h.conn->async_write(std::span(&w, 1), asio::use_future);
+  REQUIRE(run_until(io, [&] { return f.wait_for(0s) == std::future_status::ready; }));
+  CHECK_NOTHROW(f.get());
+  CHECK(same(staging, owned));
+
+  // Remote read: a memory region that grants it can be read over a raw link; the adopted
+  // one cannot (remote access error), though the same link may write it.
+  std::vector<std::byte> readable(4096), sink(4096);
+  fill(readable, 17);
+  auto dev = t.shared_device();
+  sv::memory_region readable_mr(dev, readable, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ);
+  sv::memory_region sink_mr(dev, sink, IBV_ACCESS_LOCAL_WRITE);
+  {
+    raw_link link(dev);
+    CHECK(link.run(IBV_WR_RDMA_READ, sink_mr.region(), reinterpret_cast<std::uintptr_t>(readable.data()),
+                   readable_mr.rkey()) == IBV_WC_SUCCESS);
+    CHECK(same(sink, readable));
+    CHECK(link.run(IBV_WR_RDMA_READ, sink_mr.region(), adopted->address, adopted->key) == IBV_WC_REM_ACCESS_ERR);
+  }
+  {
+    raw_link link(dev);
+    CHECK(link.run(IBV_WR_RDMA_WRITE, readable_mr.region(), adopted->address, adopted->key) == IBV_WC_SUCCESS);
+    CHECK(same(readable, std::span(owned).first(readable.size())));
+  }
+}
+
+TEST_CASE("verbs control: expose and register_memory refuse what they cannot move, naming it") {
+  if (!have_device()) return;
+  asio::io_context io;
+  sv::transport t(io.get_executor());
+  sv::transport::receiver r(t, listen_endpoint());
+  std::vector<std::byte> owned(8192);
+  const auto refused = [&](sl::exposure e, sl::errc code, std::string_view says) {
+    CAPTURE(says);
+    try {
+      r.expose(std::move(e));
+      FAIL("the exposure should have been refused");
+    } catch (const sl::error& x) {
+      const std::string what = x.what();
+      CAPTURE(what);
+      CHECK(x.code() == code);
+      CHECK(what.find(says) != std::string::npos);
+    }
+  };
+  refused({"gpu.weight", owned, sl::memory_location::cuda(0)}, sl::errc::unsupported_memory,
+          "region 'gpu.weight' is cuda_device:0 memory");
+  r.expose("a", std::span(owned).first(4096));
+  refused({"a", std::span(owned).subspan(4096)}, sl::errc::invalid_argument, "region 'a' is exposed twice");
+  refused({"b", std::span(owned).subspan(2048, 4096)}, sl::errc::invalid_argument,
+          "region 'b' (4096 bytes) overlaps region 'a'");
+  // Unmapped memory cannot be registered: ibv_reg_mr's errno, in words.
+  try {
+    r.expose("ghost", std::span(reinterpret_cast<std::byte*>(std::uintptr_t{4096}), 1u << 20));
+    FAIL("unmapped memory should not register");
+  } catch (const sl::error& x) {
+    const std::string what = x.what();
+    CAPTURE(what);
+    CHECK(x.code().category() == std::system_category());
+    CHECK(what.find("region 'ghost' (1048576 bytes") != std::string::npos);
+    CHECK(what.find("ibv_reg_mr") != std::string::npos);
+    CHECK(what.find(std::strerror(x.code().value())) != std::string::npos);
+  }
+  CHECK(r.regions().size() == 1);
+  try {
+    (void)t.register_memory(owned, sl::memory_location::cuda(1));
+    FAIL("CUDA staging memory is not supported yet");
+  } catch (const sl::error& x) {
+    CHECK(x.code() == sl::errc::unsupported_memory);
+    CHECK(std::string(x.what()).find("staging memory is cuda_device:1 memory") != std::string::npos);
+  }
+}
