@@ -1364,17 +1364,19 @@ TEST_CASE("shm_transport: a cancelled queued write copies nothing and the next w
   asio::cancellation_signal signal;
   conn->async_write(wa, log.handler());
   conn->async_write(wb, log.handler());
-  conn->async_write(wc, asio::bind_cancellation_slot(signal.slot(), log.handler()));
+  std::optional<std::error_code> cancelled;
+  conn->async_write(wc, asio::bind_cancellation_slot(signal.slot(), [&](std::error_code ec) { cancelled = ec; }));
   signal.emit(asio::cancellation_type::terminal);  // c has not started: a is copying
   std::optional<std::error_code> notified;
   conn->async_notify(sl::notice_kind::commit, 1, [&](std::error_code ec) { notified = ec; });
-  REQUIRE(run_until(io, [&] { return notified.has_value() && log.codes.size() == 3; }));
+  REQUIRE(run_until(io, [&] { return notified.has_value() && cancelled.has_value() && log.codes.size() == 2; }));
   CHECK(*notified == std::error_code{});
-  REQUIRE(log.codes.size() == 3);
-  // c completes first: aborted before it started
-  CHECK(log.codes[0] == asio::error::operation_aborted);
+  // c was aborted before it started (whether a's completion ran before its cancellation or
+  // after depends on the machine's load); a and b landed.
+  CHECK(*cancelled == asio::error::operation_aborted);
+  REQUIRE(log.codes.size() == 2);
+  CHECK(log.codes[0] == std::error_code{});
   CHECK(log.codes[1] == std::error_code{});
-  CHECK(log.codes[2] == std::error_code{});
   CHECK(conn->is_open());
   // The connection is intact: the next write lands (the receiver checks, at notice 2, that
   // d holds it and that c is still untouched).
