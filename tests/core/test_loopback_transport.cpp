@@ -5,6 +5,8 @@
 
 #include <doctest/doctest.h>
 
+#include "../support/checks.hpp"
+
 #include <chrono>
 #include <cstdint>
 #include <cstring>
@@ -18,52 +20,15 @@
 namespace sl = shardline;
 using namespace std::chrono_literals;
 
+using sl::testing::check_throws;
+using sl::testing::drive;
+using sl::testing::settle;
+
 namespace {
-
-// Runs handlers until `done()`. False when no work is left, or when no handler ran for a few
-// seconds (a hang): the caller fails the test instead of waiting for ever.
-template <class Done>
-bool drive(asio::io_context& io, Done done) {
-  while (!done()) {
-    io.restart();
-    if (io.run_one_for(3s) == 0) return done();
-  }
-  return true;
-}
-
-// Runs every handler that is ready now, and those they make ready.
-void settle(asio::io_context& io) {
-  io.restart();
-  io.poll();
-}
 
 template <class T>
 bool ready(const std::future<T>& f) {
   return f.wait_for(0s) == std::future_status::ready;
-}
-
-std::size_t occurrences(std::string_view text, std::string_view word) {
-  std::size_t n = 0;
-  for (auto at = text.find(word); at != std::string_view::npos; at = text.find(word, at + word.size())) ++n;
-  return n;
-}
-
-// `what` names each of `names` and says the code's message exactly once.
-void check_message(std::string_view what, sl::errc code, std::initializer_list<std::string_view> names) {
-  INFO("message: " << std::string(what));
-  for (auto name : names) CHECK_MESSAGE(what.find(name) != std::string_view::npos, "lacks " << std::string(name));
-  CHECK(occurrences(what, sl::make_error_code(code).message()) == 1);
-}
-
-template <class F>
-void check_throws(F&& f, sl::errc code, std::initializer_list<std::string_view> names) {
-  try {
-    f();
-    FAIL_CHECK("no error thrown");
-  } catch (const sl::error& e) {
-    CHECK(e.code() == code);
-    check_message(e.what(), code, names);
-  }
 }
 
 // An asynchronous error: its code, and the code's own message.

@@ -10,6 +10,8 @@
 
 #include <doctest/doctest.h>
 
+#include "../support/checks.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -26,50 +28,14 @@
 namespace sl = shardline;
 using namespace std::chrono_literals;
 
+using sl::testing::check_text;
+using sl::testing::check_throws;
+using sl::testing::drive;
+using sl::testing::settle;
+
 namespace {
 
 using receiver_type = sl::weights_receiver<sl::loopback_transport::receiver>;
-
-// Runs handlers until `done()`. False when no work is left, or when no handler ran for a few
-// seconds (a hang): the caller fails the test instead of waiting for ever.
-template <class Done>
-bool drive(asio::io_context& io, Done done) {
-  while (!done()) {
-    io.restart();
-    if (io.run_one_for(3s) == 0) return done();
-  }
-  return true;
-}
-
-// Runs every handler that is ready now, and those they make ready.
-void settle(asio::io_context& io) {
-  io.restart();
-  io.poll();
-}
-
-std::size_t occurrences(std::string_view text, std::string_view word) {
-  std::size_t n = 0;
-  for (auto at = text.find(word); at != std::string_view::npos; at = text.find(word, at + word.size())) ++n;
-  return n;
-}
-
-// `text` names each of `names`, and says `cause` exactly once.
-void check_text(std::string_view text, std::string_view cause, std::initializer_list<std::string_view> names) {
-  INFO("text: " << std::string(text));
-  for (auto name : names) CHECK_MESSAGE(text.find(name) != std::string_view::npos, "lacks " << std::string(name));
-  CHECK(occurrences(text, cause) == 1);
-}
-
-template <class F>
-void check_throws(F&& f, sl::errc code, std::initializer_list<std::string_view> names) {
-  try {
-    f();
-    FAIL_CHECK("no error thrown, expected: " << sl::make_error_code(code).message());
-  } catch (const sl::error& e) {
-    CHECK(e.code() == code);
-    check_text(e.what(), sl::make_error_code(code).message(), names);
-  }
-}
 
 // What async_wait_commit completed with.
 struct commit_result {
