@@ -41,10 +41,10 @@
 // loader alone over every shard in one thread, and the build's parts.
 #include "../examples/synthetic_model.hpp"
 
-#include <shardline/loopback_transport.hpp>
+#include <shardline/transport/loopback.hpp>
 #include <shardline/pipeline.hpp>
-#include <shardline/shard_map.hpp>
-#include <shardline/transfer_plan.hpp>
+#include <shardline/plan/shard_map.hpp>
+#include <shardline/plan/transfer_plan.hpp>
 #include <shardline/weights_receiver.hpp>
 
 #include <asio/co_spawn.hpp>

@@ -15,9 +15,9 @@
 #include "../examples/synthetic_model.hpp"
 
 #include <shardline/pipeline.hpp>
-#include <shardline/shard_map.hpp>
-#include <shardline/shm_transport.hpp>
-#include <shardline/transfer_plan.hpp>
+#include <shardline/plan/shard_map.hpp>
+#include <shardline/transport/shm/transport.hpp>
+#include <shardline/plan/transfer_plan.hpp>
 #include <shardline/weights_receiver.hpp>
 
 #include <asio/co_spawn.hpp>

@@ -25,7 +25,7 @@
 // shared machine gives to others); median of `repetitions` rounds, the variants
 // interleaved within each round.
 #include <shardline/error.hpp>
-#include <shardline/loopback_transport.hpp>
+#include <shardline/transport/loopback.hpp>
 
 #include <asio/awaitable.hpp>
 #include <asio/co_spawn.hpp>

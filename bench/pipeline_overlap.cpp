@@ -25,12 +25,12 @@
 #include "../examples/synthetic_model.hpp"
 #include "../examples/synthetic_model.hpp"
 
-#include <shardline/convert.hpp>
-#include <shardline/loopback_transport.hpp>
+#include <shardline/plan/convert.hpp>
+#include <shardline/transport/loopback.hpp>
 #include <shardline/pipeline.hpp>
-#include <shardline/shard_map.hpp>
-#include <shardline/shm_transport.hpp>
-#include <shardline/transfer_plan.hpp>
+#include <shardline/plan/shard_map.hpp>
+#include <shardline/transport/shm/transport.hpp>
+#include <shardline/plan/transfer_plan.hpp>
 #include <shardline/weights_receiver.hpp>
 
 #include <asio/co_spawn.hpp>

@@ -8,7 +8,7 @@
 // sender's mapping of it, the source and both memcpy buffers) is faulted in before timing,
 // and each side gets one untimed pass; then the two alternate, pass for pass, so that a
 // busy host slows both alike. The figures are medians over the repetitions.
-#include <shardline/shm_transport.hpp>
+#include <shardline/transport/shm/transport.hpp>
 
 #include <asio/io_context.hpp>
 

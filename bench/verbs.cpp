@@ -224,7 +224,7 @@ options parse(int argc, char** argv) {
 
 template <sl::verbs::poll_mode Mode>
 int run(const options& o) {
-  using T = sl::verbs::basic_transport<Mode>;
+  using T = sl::verbs::basic_verbs_transport<Mode>;
   asio::io_context io;
   sl::verbs::options vo;
   vo.device = o.device;

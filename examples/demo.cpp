@@ -14,12 +14,12 @@
 #include "processes.hpp"
 #include "synthetic_model.hpp"
 
-#include <shardline/convert.hpp>
+#include <shardline/plan/convert.hpp>
 #include <shardline/pipeline.hpp>
-#include <shardline/shard_map.hpp>
-#include <shardline/shm_transport.hpp>
+#include <shardline/plan/shard_map.hpp>
+#include <shardline/transport/shm/transport.hpp>
 #include <shardline/trace.hpp>
-#include <shardline/transfer_plan.hpp>
+#include <shardline/plan/transfer_plan.hpp>
 #include <shardline/weights_receiver.hpp>
 #if SHARDLINE_HAVE_VERBS
 #include <shardline/verbs.hpp>
@@ -127,19 +127,19 @@ struct demo_transport<sl::shm_transport> {
 
 #if SHARDLINE_HAVE_VERBS
 template <>
-struct demo_transport<sl::verbs::transport> {
+struct demo_transport<sl::verbs_transport> {
   static asio::ip::tcp::endpoint endpoint(const demo_args& a, std::size_t r) {
     return {asio::ip::make_address(a.address), static_cast<unsigned short>(18515 + r)};
   }
-  static sl::verbs::transport make(asio::io_context& io) {
-    return sl::verbs::transport(io.get_executor());
+  static sl::verbs_transport make(asio::io_context& io) {
+    return sl::verbs_transport(io.get_executor());
   }
-  static sl::verbs::transport::receiver make_receiver(sl::verbs::transport& t, asio::io_context&,
+  static sl::verbs_transport::receiver make_receiver(sl::verbs_transport& t, asio::io_context&,
                                                       const demo_args& a, std::size_t r) {
-    return sl::verbs::transport::receiver(t, endpoint(a, r));
+    return sl::verbs_transport::receiver(t, endpoint(a, r));
   }
   template <class Token>
-  static auto connect(sl::verbs::transport& t, const demo_args& a, std::size_t r, sl::sender_identity who,
+  static auto connect(sl::verbs_transport& t, const demo_args& a, std::size_t r, sl::sender_identity who,
                       Token&& token) {
     return t.async_connect(endpoint(a, r), who, std::forward<Token>(token));
   }
@@ -422,7 +422,7 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
     if (a.transport == "shm") return run_demo<sl::shm_transport>(a, plan);
 #if SHARDLINE_HAVE_VERBS
-    return run_demo<sl::verbs::transport>(a, plan);
+    return run_demo<sl::verbs_transport>(a, plan);
 #else
     std::fprintf(stderr, "this build has no verbs support (libibverbs was not found)\n");
     return 2;

@@ -2,8 +2,8 @@
 // Hugging Face naming the shard map understands, and deterministic float32 master weights.
 #pragma once
 
-#include <shardline/convert.hpp>
-#include <shardline/parameter.hpp>
+#include <shardline/plan/convert.hpp>
+#include <shardline/plan/parameter.hpp>
 
 #include <cstdint>
 #include <span>

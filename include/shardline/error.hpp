@@ -31,7 +31,13 @@ enum class errc {
   unknown_sender,        ///< a sender id the receiver does not expect
   stale_version,         ///< a version that does not move forward
   version_abandoned,     ///< a version that can never commit (a sender failed or left mid-version)
+  ack_timeout,           ///< a peer did not acknowledge a notice in time
 };
+
+namespace detail {
+/// The highest errc value; wire formats that carry an errc refuse anything above it.
+inline constexpr errc last_errc = errc::ack_timeout;
+}  // namespace detail
 
 namespace detail {
 class error_category_impl final : public std::error_category {
@@ -60,6 +66,7 @@ public:
       case errc::unknown_sender: return "unknown sender";
       case errc::stale_version: return "version does not move forward";
       case errc::version_abandoned: return "version abandoned";
+      case errc::ack_timeout: return "peer did not acknowledge in time";
     }
     return "unknown shardline error";
   }

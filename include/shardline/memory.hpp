@@ -4,7 +4,7 @@
 
 #include <shardline/detail/codec.hpp>
 #include <shardline/error.hpp>
-#include <shardline/parameter.hpp>
+#include <shardline/plan/parameter.hpp>
 
 #include <cstddef>
 #include <cstdint>

@@ -3,15 +3,15 @@
 // whose shards are in) -> commit, each notice acknowledged by every receiver.
 #pragma once
 
-#include <shardline/detail/run_on.hpp>
-#include <shardline/detail/task_group.hpp>
+#include <shardline/async/detail/run_on.hpp>
+#include <shardline/async/detail/task_group.hpp>
 #include <shardline/error.hpp>
-#include <shardline/inflight_limiter.hpp>
+#include <shardline/async/inflight_limiter.hpp>
 #include <shardline/memory.hpp>
 #include <shardline/staging.hpp>
 #include <shardline/trace.hpp>
-#include <shardline/transfer_plan.hpp>
-#include <shardline/transport.hpp>
+#include <shardline/plan/transfer_plan.hpp>
+#include <shardline/transport/concepts.hpp>
 
 #include <asio/awaitable.hpp>
 #include <asio/bind_cancellation_slot.hpp>

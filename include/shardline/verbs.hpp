@@ -1,10 +1,10 @@
 // shardline/verbs.hpp: the RDMA verbs transport (links libibverbs: shardline::verbs).
 #pragma once
 
-#include <shardline/verbs/completion_queue.hpp>
-#include <shardline/verbs/device.hpp>
-#include <shardline/verbs/error.hpp>
-#include <shardline/verbs/memory_region.hpp>
-#include <shardline/verbs/options.hpp>
-#include <shardline/verbs/queue_pair.hpp>
-#include <shardline/verbs/transport.hpp>
+#include <shardline/transport/verbs/completion_queue.hpp>
+#include <shardline/transport/verbs/device.hpp>
+#include <shardline/transport/verbs/error.hpp>
+#include <shardline/transport/verbs/memory_region.hpp>
+#include <shardline/transport/verbs/options.hpp>
+#include <shardline/transport/verbs/queue_pair.hpp>
+#include <shardline/transport/verbs/transport.hpp>

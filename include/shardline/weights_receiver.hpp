@@ -5,9 +5,9 @@
 
 #include <shardline/error.hpp>
 #include <shardline/memory.hpp>
-#include <shardline/parameter.hpp>
-#include <shardline/transfer_plan.hpp>
-#include <shardline/transport.hpp>
+#include <shardline/plan/parameter.hpp>
+#include <shardline/plan/transfer_plan.hpp>
+#include <shardline/transport/concepts.hpp>
 
 #include <asio/async_result.hpp>
 #include <asio/associated_executor.hpp>

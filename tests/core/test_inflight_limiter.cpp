@@ -1,4 +1,4 @@
-#include <shardline/inflight_limiter.hpp>
+#include <shardline/async/inflight_limiter.hpp>
 
 #include <asio/bind_cancellation_slot.hpp>
 #include <asio/cancellation_signal.hpp>

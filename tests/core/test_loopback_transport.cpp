@@ -1,4 +1,4 @@
-#include <shardline/loopback_transport.hpp>
+#include <shardline/transport/loopback.hpp>
 
 #include <asio/io_context.hpp>
 #include <asio/use_future.hpp>

@@ -1,4 +1,4 @@
-#include <shardline/parameter.hpp>
+#include <shardline/plan/parameter.hpp>
 
 #include <doctest/doctest.h>
 

@@ -1,7 +1,7 @@
 #include <shardline/pipeline.hpp>
 
-#include <shardline/loopback_transport.hpp>
-#include <shardline/shard_map.hpp>
+#include <shardline/transport/loopback.hpp>
+#include <shardline/plan/shard_map.hpp>
 #include <shardline/weights_receiver.hpp>
 
 #include <asio/bind_cancellation_slot.hpp>

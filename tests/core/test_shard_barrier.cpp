@@ -1,4 +1,4 @@
-#include <shardline/shard_barrier.hpp>
+#include <shardline/async/shard_barrier.hpp>
 
 #include <asio/bind_cancellation_slot.hpp>
 #include <asio/cancellation_signal.hpp>

@@ -1,4 +1,4 @@
-#include <shardline/shard_map.hpp>
+#include <shardline/plan/shard_map.hpp>
 
 #include <doctest/doctest.h>
 

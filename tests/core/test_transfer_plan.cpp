@@ -1,4 +1,4 @@
-#include <shardline/transfer_plan.hpp>
+#include <shardline/plan/transfer_plan.hpp>
 
 #include <doctest/doctest.h>
 

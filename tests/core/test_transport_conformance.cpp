@@ -1,10 +1,10 @@
 // One meaning per concept: every transport runs the same cases, written against
-// shardline/transport.hpp (transport, transport_connection, transport_receiver) and
+// shardline/transport/concepts.hpp (transport, transport_connection, transport_receiver) and
 // memory.hpp (region_table, covers), never against one implementation.
-#include <shardline/transport.hpp>
+#include <shardline/transport/concepts.hpp>
 
-#include <shardline/loopback_transport.hpp>
-#include <shardline/shm_transport.hpp>
+#include <shardline/transport/loopback.hpp>
+#include <shardline/transport/shm/transport.hpp>
 
 #include <asio/bind_cancellation_slot.hpp>
 #include <asio/cancellation_signal.hpp>
@@ -140,7 +140,7 @@ bool mentions(std::string_view text, std::string_view word) { return text.find(w
 // Move everything between "---- cases" and "---- instantiation" into
 // tests/support/transport_conformance.hpp, include it here and from
 // tests/verbs/test_transport_conformance.cpp, and there write a verbs_fixture: an
-// io_context and a sl::verbs::transport on it; endpoint = {verbs::transport::receiver on
+// io_context and a sl::verbs_transport on it; endpoint = {verbs_transport::receiver on
 // 127.0.0.1 and a free port, that endpoint}; connect = async_accept + async_connect driven
 // on the io_context, as shm_fixture does (both sides in one process over rxe0); kill =
 // rx.close(); cancels_queued_writes as that transport documents it. Then

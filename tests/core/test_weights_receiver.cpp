@@ -1,9 +1,9 @@
 #include <shardline/weights_receiver.hpp>
 
-#include <shardline/convert.hpp>
-#include <shardline/loopback_transport.hpp>
-#include <shardline/shard_map.hpp>
-#include <shardline/transfer_plan.hpp>
+#include <shardline/plan/convert.hpp>
+#include <shardline/transport/loopback.hpp>
+#include <shardline/plan/shard_map.hpp>
+#include <shardline/plan/transfer_plan.hpp>
 
 #include <asio/bind_executor.hpp>
 #include <asio/io_context.hpp>

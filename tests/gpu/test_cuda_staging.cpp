@@ -3,9 +3,9 @@
 #include <shardline/cuda/staging.hpp>
 
 #include <shardline/cuda/device.hpp>
-#include <shardline/loopback_transport.hpp>
+#include <shardline/transport/loopback.hpp>
 #include <shardline/pipeline.hpp>
-#include <shardline/shard_map.hpp>
+#include <shardline/plan/shard_map.hpp>
 #include <shardline/weights_receiver.hpp>
 
 #include <asio/io_context.hpp>

@@ -1,7 +1,7 @@
 #include <shardline/pipeline.hpp>
 
-#include <shardline/shard_map.hpp>
-#include <shardline/shm_transport.hpp>
+#include <shardline/plan/shard_map.hpp>
+#include <shardline/transport/shm/transport.hpp>
 #include <shardline/weights_receiver.hpp>
 
 #include <asio/co_spawn.hpp>

@@ -1,7 +1,7 @@
-#include <shardline/shm_transport.hpp>
+#include <shardline/transport/shm/transport.hpp>
 
 #include <shardline/detail/codec.hpp>
-#include <shardline/detail/control.hpp>
+#include <shardline/transport/detail/control.hpp>
 
 #include <asio/bind_cancellation_slot.hpp>
 #include <asio/cancellation_signal.hpp>

@@ -4,7 +4,7 @@
 
 #include <shardline/pipeline.hpp>
 
-#include <shardline/transfer_plan.hpp>
+#include <shardline/plan/transfer_plan.hpp>
 
 #include <cstddef>
 #include <cstdint>

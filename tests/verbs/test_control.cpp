@@ -1,12 +1,12 @@
 // The verbs transport's control side, in the Soft-RoCE VM (tests/rxe/run): admission and
 // refusals, acknowledged notices from several senders, senders that leave and come back,
 // clients that speak garbage, and memory the receiver adopts instead of allocating.
-#include <shardline/verbs/transport.hpp>
+#include <shardline/transport/verbs/transport.hpp>
 
 #include "verbs_support.hpp"
 
-#include <shardline/detail/control.hpp>
-#include <shardline/verbs/detail/wire.hpp>
+#include <shardline/transport/detail/control.hpp>
+#include <shardline/transport/verbs/detail/wire.hpp>
 
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
@@ -36,13 +36,13 @@ namespace {
 // Notices the receiver delivered, in order, with their codes.
 struct notice_log {
   std::vector<std::pair<std::error_code, sl::notice>> got;
-  void wait(sv::transport::receiver& r) {
+  void wait(sv::verbs_transport::receiver& r) {
     r.async_wait_notification([this](std::error_code ec, sl::notice n) { got.emplace_back(ec, n); });
   }
 };
 
 // Writes `w` then notices `kind` of `version`; true when both succeeded.
-bool write_and_notify(asio::io_context& io, sv::transport::connection& c, const sl::write_request& w,
+bool write_and_notify(asio::io_context& io, sv::verbs_transport::connection& c, const sl::write_request& w,
                       sl::notice_kind kind, std::uint32_t version) {
   std::optional<std::error_code> wrote, notified;
   c.async_write(std::span(&w, 1), [&](std::error_code ec) { wrote = ec; });
@@ -60,9 +60,9 @@ TEST_CASE("verbs control: async_notify completes only once the receiver acknowle
   // Sender and receiver on separate io_contexts: the receiver acknowledges only while its
   // context runs.
   asio::io_context sender_io, receiver_io;
-  sv::transport ts(sender_io.get_executor());
-  sv::transport tr(receiver_io.get_executor());
-  sv::transport::receiver r(tr, listen_endpoint());
+  sv::verbs_transport ts(sender_io.get_executor());
+  sv::verbs_transport tr(receiver_io.get_executor());
+  sv::verbs_transport::receiver r(tr, listen_endpoint());
   r.expose("model", r.allocate(4096));
   auto h = connect(sender_io, receiver_io, ts, r, {5, 0});
   REQUIRE_FALSE(h.accept_ec);
@@ -104,8 +104,8 @@ TEST_CASE("verbs control: async_notify completes only once the receiver acknowle
 TEST_CASE("verbs control: with notice_depth 0 a notice is acknowledged only when a wait takes it, and a queued one holds its sender's next") {
   if (!have_device()) return;
   asio::io_context io;
-  sv::transport t(io.get_executor());
-  sv::transport::receiver r(t, listen_endpoint(), 0);
+  sv::verbs_transport t(io.get_executor());
+  sv::verbs_transport::receiver r(t, listen_endpoint(), 0);
   r.expose("model", r.allocate(4096));
   auto h = connect(io, t, r, {1, 0});
   REQUIRE_FALSE(h.connect_ec);
@@ -134,8 +134,8 @@ TEST_CASE("verbs control: with notice_depth 0 a notice is acknowledged only when
 TEST_CASE("verbs control: two senders to one receiver, notices named by sender; one leaves, the other is served on") {
   if (!have_device()) return;
   asio::io_context io;
-  sv::transport t(io.get_executor());
-  sv::transport::receiver r(t, listen_endpoint());
+  sv::verbs_transport t(io.get_executor());
+  sv::verbs_transport::receiver r(t, listen_endpoint());
   r.admit({2, 0});
   auto arena = r.allocate(2 * 4096);
   r.expose("rank0", arena.subspan(0, 4096));
@@ -185,8 +185,8 @@ TEST_CASE("verbs control: two senders to one receiver, notices named by sender; 
 TEST_CASE("verbs control: a second live connection with the same id is refused; after it leaves, it reconnects") {
   if (!have_device()) return;
   asio::io_context io;
-  sv::transport t(io.get_executor());
-  sv::transport::receiver r(t, listen_endpoint());
+  sv::verbs_transport t(io.get_executor());
+  sv::verbs_transport::receiver r(t, listen_endpoint());
   auto arena = r.allocate(4096);
   r.expose("model", arena);
   std::vector<std::byte> staging(4096);
@@ -223,8 +223,8 @@ TEST_CASE("verbs control: a second live connection with the same id is refused; 
 TEST_CASE("verbs control: refused senders learn why and see no region; the admitted one is served") {
   if (!have_device()) return;
   asio::io_context io;
-  sv::transport t(io.get_executor());
-  sv::transport::receiver r(t, listen_endpoint());
+  sv::verbs_transport t(io.get_executor());
+  sv::verbs_transport::receiver r(t, listen_endpoint());
   auto arena = r.allocate(4096);
   r.expose("model", arena);
   r.admit({2, 0xabc});
@@ -304,8 +304,8 @@ TEST_CASE("verbs control: clients that send garbage or nothing get no region tab
   asio::io_context io;
   sv::options o;
   o.connect_timeout = 1000ms;  // bounds the silent client's handshake
-  sv::transport t(io.get_executor(), o);
-  sv::transport::receiver r(t, listen_endpoint());
+  sv::verbs_transport t(io.get_executor(), o);
+  sv::verbs_transport::receiver r(t, listen_endpoint());
   auto arena = r.allocate(4096);
   r.expose("secret.weights", arena);
   std::mt19937 random(20261128);
@@ -391,8 +391,8 @@ asio::awaitable<void> garbage_notice(asio::ip::tcp::endpoint ep, ibv_gid gid, st
 TEST_CASE("verbs control: a malformed notice frame is a protocol_error naming its sender, whose connection is dropped") {
   if (!have_device()) return;
   asio::io_context io;
-  sv::transport t(io.get_executor());
-  sv::transport::receiver r(t, listen_endpoint());
+  sv::verbs_transport t(io.get_executor());
+  sv::verbs_transport::receiver r(t, listen_endpoint());
   r.expose("model", r.allocate(4096));
   std::optional<std::error_code> accepted;
   r.async_accept([&](std::error_code ec, std::uint32_t sender) {
@@ -458,8 +458,8 @@ struct raw_link {
 TEST_CASE("verbs control: memory the receiver owns is adopted: registered on its own, written by the sender, never readable remotely") {
   if (!have_device()) return;
   asio::io_context io;
-  sv::transport t(io.get_executor());
-  sv::transport::receiver r(t, listen_endpoint());
+  sv::verbs_transport t(io.get_executor());
+  sv::verbs_transport::receiver r(t, listen_endpoint());
   auto arena = r.allocate(4096);
   r.expose("arena.bias", arena);
   std::vector<std::byte> owned(32 * 64 * 2);  // the test's own tensor: bf16 [32, 64]
@@ -513,8 +513,8 @@ TEST_CASE("verbs control: memory the receiver owns is adopted: registered on its
 TEST_CASE("verbs control: expose and register_memory refuse what they cannot move, naming it") {
   if (!have_device()) return;
   asio::io_context io;
-  sv::transport t(io.get_executor());
-  sv::transport::receiver r(t, listen_endpoint());
+  sv::verbs_transport t(io.get_executor());
+  sv::verbs_transport::receiver r(t, listen_endpoint());
   std::vector<std::byte> owned(8192);
   const auto refused = [&](sl::exposure e, sl::errc code, std::string_view says) {
     CAPTURE(says);

@@ -1,9 +1,9 @@
 // The verbs building blocks on their own: device, GID lookup, RAII objects, no device.
-#include <shardline/verbs/device.hpp>
+#include <shardline/transport/verbs/device.hpp>
 
-#include <shardline/verbs/completion_queue.hpp>
-#include <shardline/verbs/memory_region.hpp>
-#include <shardline/verbs/queue_pair.hpp>
+#include <shardline/transport/verbs/completion_queue.hpp>
+#include <shardline/transport/verbs/memory_region.hpp>
+#include <shardline/transport/verbs/queue_pair.hpp>
 
 #include <asio/io_context.hpp>
 

@@ -2,7 +2,7 @@
 // Soft-RoCE device (tests/rxe/run), plus a receiver in a forked child that gets killed
 // mid-update. Admission, notices between several senders and adopted memory are in
 // test_control.cpp.
-#include <shardline/verbs/transport.hpp>
+#include <shardline/transport/verbs/transport.hpp>
 
 #include "verbs_support.hpp"
 
@@ -37,7 +37,7 @@ TEST_CASE("verbs transport: no RDMA device is a clear error at construction") {
   if (!sv::device_list().empty()) return;  // the device suite covers the named case there
   asio::io_context io;
   try {
-    sv::transport t(io.get_executor());
+    sv::verbs_transport t(io.get_executor());
     FAIL("a transport without a device should not construct");
   } catch (const sl::error& e) {
     CHECK(e.code() == sl::errc::no_device);
@@ -117,7 +117,7 @@ TEST_CASE("verbs transport: batches larger than the send queue complete with use
 namespace {
 // Initiates every write and its commit notice without waiting for either: each notice must
 // still reach the receiver only after the bytes of every write initiated before it.
-void send_versions(sv::transport::connection& c, const std::vector<sl::write_request>& w,
+void send_versions(sv::verbs_transport::connection& c, const std::vector<sl::write_request>& w,
                    int* acked, std::error_code* first_error) {
   for (std::size_t v = 0; v < w.size(); ++v) {
     c.async_write(std::span(&w[v], 1), [=](std::error_code ec) {
@@ -131,7 +131,7 @@ void send_versions(sv::transport::connection& c, const std::vector<sl::write_req
   }
 }
 
-asio::awaitable<void> receive_versions(sv::transport::receiver* r, std::vector<std::byte>* expect,
+asio::awaitable<void> receive_versions(sv::verbs_transport::receiver* r, std::vector<std::byte>* expect,
                                        std::span<std::byte> arena, std::size_t slot, int versions,
                                        int* received, int* in_order, int* visible) {
   for (int v = 0; v < versions; ++v) {
@@ -154,8 +154,8 @@ TEST_CASE("verbs transport: notices arrive in order, after the bytes of every wr
     const int versions = 12;
     const std::size_t slot = 64 << 10;
     asio::io_context io;
-    sv::transport t(io.get_executor(), o);
-    sv::transport::receiver r(t, listen_endpoint());
+    sv::verbs_transport t(io.get_executor(), o);
+    sv::verbs_transport::receiver r(t, listen_endpoint());
     auto arena = r.allocate(slot * versions);
     r.expose("model", arena);
     std::vector<std::byte> staging(arena.size());
@@ -408,8 +408,8 @@ TEST_CASE("verbs transport: a receiver process killed mid-update fails the sende
     ::close(fds[0]);
     try {
       asio::io_context io;
-      sv::transport t(io.get_executor());
-      sv::transport::receiver r(t, listen_endpoint());
+      sv::verbs_transport t(io.get_executor());
+      sv::verbs_transport::receiver r(t, listen_endpoint());
       auto arena = r.allocate(16 << 20);
       r.expose("model", arena);
       const unsigned short port = r.local_endpoint().port();
@@ -432,7 +432,7 @@ TEST_CASE("verbs transport: a receiver process killed mid-update fails the sende
   asio::io_context io;
   sv::options o;
   o.timeout = 12;  // ~17 ms per try: the bound without the control socket
-  sv::transport t(io.get_executor(), o);
+  sv::verbs_transport t(io.get_executor(), o);
   std::vector<std::byte> staging(1 << 20);
   auto reg = t.register_memory(staging);
   auto ep = listen_endpoint();
@@ -488,7 +488,7 @@ TEST_CASE("verbs transport: a receiver process killed mid-update fails the sende
 }
 
 namespace {
-asio::awaitable<void> token_tour(sv::transport* t, sv::transport::receiver* r,
+asio::awaitable<void> token_tour(sv::verbs_transport* t, sv::verbs_transport::receiver* r,
                                  std::span<std::byte> staging, std::span<std::byte> arena,
                                  int* steps) {
   // async_accept with deferred, async_connect with use_awaitable.
@@ -515,8 +515,8 @@ asio::awaitable<void> token_tour(sv::transport* t, sv::transport::receiver* r,
 TEST_CASE("verbs transport: every initiating function takes callbacks, futures, deferred and awaitables") {
   if (!have_device()) return;
   asio::io_context io;
-  sv::transport t(io.get_executor());
-  sv::transport::receiver r(t, listen_endpoint());
+  sv::verbs_transport t(io.get_executor());
+  sv::verbs_transport::receiver r(t, listen_endpoint());
   auto arena = r.allocate(64 << 10);
   r.expose("model", arena);
   std::vector<std::byte> staging(arena.size());
@@ -533,12 +533,12 @@ TEST_CASE("verbs transport: a receiver that never answers makes async_connect ti
   asio::io_context io;
   sv::options o;
   o.connect_timeout = 300ms;
-  sv::transport t(io.get_executor(), o);
+  sv::verbs_transport t(io.get_executor(), o);
   // A plain TCP listener: accepts (in the kernel backlog) and never replies.
   asio::ip::tcp::acceptor silent(io, listen_endpoint());
   std::error_code result;
   bool done = false;
-  t.async_connect(silent.local_endpoint(), [&](std::error_code ec, sv::transport::connection c) {
+  t.async_connect(silent.local_endpoint(), [&](std::error_code ec, sv::verbs_transport::connection c) {
     result = ec;
     done = true;
     CHECK_FALSE(c.is_open());

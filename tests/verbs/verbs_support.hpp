@@ -2,7 +2,7 @@
 // VM, running io_contexts until something happened, and a connected receiver + sender.
 #pragma once
 
-#include <shardline/verbs/transport.hpp>
+#include <shardline/transport/verbs/transport.hpp>
 
 #include <asio/io_context.hpp>
 
@@ -110,7 +110,7 @@ handshake<T> connect(asio::io_context& io, T& t, typename T::receiver& r, sl::se
 // A receiver with one arena and `regions` equal regions, a sender connected to it.
 template <sv::poll_mode Mode = sv::poll_mode::adaptive>
 struct pair {
-  using transport_type = sv::basic_transport<Mode, asio::io_context::executor_type>;
+  using transport_type = sv::basic_verbs_transport<Mode, asio::io_context::executor_type>;
   explicit pair(sv::options o = {}, std::size_t region_bytes = 1 << 20, std::size_t regions = 4,
                 sl::sender_identity who = {})
       : t(io.get_executor(), o), r(t, listen_endpoint()) {

@@ -1,9 +1,9 @@
-// shardline/verbs/device.hpp: the RDMA device list, an opened device (context + PD) and
+// shardline/transport/verbs/device.hpp: the RDMA device list, an opened device (context + PD) and
 // the lookup of the RoCE v2 GID that carries an IPv4 address.
 #pragma once
 
 #include <shardline/error.hpp>
-#include <shardline/verbs/detail/handles.hpp>
+#include <shardline/transport/verbs/detail/handles.hpp>
 
 #include <infiniband/verbs.h>
 

@@ -1,4 +1,4 @@
-// shardline/verbs/detail/handler.hpp: one type-erased completion handler per operation
+// shardline/transport/verbs/detail/handler.hpp: one type-erased completion handler per operation
 // (never per work request), keeping its executor busy until it runs.
 #pragma once
 

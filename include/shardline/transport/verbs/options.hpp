@@ -1,4 +1,4 @@
-// shardline/verbs/options.hpp: how the verbs transport is tuned.
+// shardline/transport/verbs/options.hpp: how the verbs transport is tuned.
 #pragma once
 
 #include <chrono>

@@ -1,4 +1,4 @@
-// shardline/transport.hpp: what every transport (loopback, shm, verbs) provides, and the
+// shardline/transport/concepts.hpp: what every transport (loopback, shm, verbs) provides, and the
 // control notices a sender sends its receivers around the writes of one version.
 #pragma once
 

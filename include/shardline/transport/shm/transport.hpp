@@ -1,15 +1,15 @@
-// shardline/shm_transport.hpp: processes of one host. A receiver (rollout) maps its arenas
+// shardline/transport/shm/transport.hpp: processes of one host. A receiver (rollout) maps its arenas
 // from memfds and hands them, over a Unix socket, to every sender (trainer) it admits; each
 // sender maps them too and copies into them on worker threads, never on the io_context.
 #pragma once
 
 #include <shardline/detail/codec.hpp>
 #include <shardline/detail/completion.hpp>
-#include <shardline/detail/control.hpp>
-#include <shardline/detail/shm_handles.hpp>
+#include <shardline/transport/detail/control.hpp>
+#include <shardline/transport/shm/detail/handles.hpp>
 #include <shardline/error.hpp>
 #include <shardline/memory.hpp>
-#include <shardline/transport.hpp>
+#include <shardline/transport/concepts.hpp>
 
 #include <asio/any_io_executor.hpp>
 #include <asio/associated_allocator.hpp>
@@ -72,7 +72,7 @@ struct shm_options {
 
 namespace detail {
 // The Unix socket of one sender, in order:
-//   sender -> receiver: hello (detail/control.hpp, magic "SLSH");
+//   sender -> receiver: hello (transport/detail/control.hpp, magic "SLSH");
 //   receiver -> sender: verdict; after a refusal the receiver closes the socket;
 //   receiver -> sender: a 16-byte header carrying the arena memfds as SCM_RIGHTS ("SLSH",
 //     u32 arena count, u64 payload bytes), then the payload: per arena its base address in

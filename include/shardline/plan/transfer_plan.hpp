@@ -1,11 +1,11 @@
-// shardline/transfer_plan.hpp: which staging bytes go to which receiver at which offset —
+// shardline/plan/transfer_plan.hpp: which staging bytes go to which receiver at which offset —
 // fused parameters, sliced for tensor-parallel receivers, fanned out to replicas, bucketed
 // by a byte budget, and split among the senders (trainer ranks) that hold the source tensors.
 #pragma once
 
 #include <shardline/error.hpp>
-#include <shardline/parameter.hpp>
-#include <shardline/shard_map.hpp>
+#include <shardline/plan/parameter.hpp>
+#include <shardline/plan/shard_map.hpp>
 
 #include <algorithm>
 #include <cstddef>

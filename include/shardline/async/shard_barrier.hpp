@@ -1,4 +1,4 @@
-// shardline/shard_barrier.hpp: the per-parameter shard barrier. A fused parameter
+// shardline/async/shard_barrier.hpp: the per-parameter shard barrier. A fused parameter
 // (q/k/v -> qkv_proj, experts -> w13) may be sent only once every shard is loaded.
 #pragma once
 

@@ -1,4 +1,4 @@
-// shardline/verbs/error.hpp: work completion statuses as std::error_code.
+// shardline/transport/verbs/error.hpp: work completion statuses as std::error_code.
 #pragma once
 
 #include <infiniband/verbs.h>

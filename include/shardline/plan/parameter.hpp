@@ -1,4 +1,4 @@
-// shardline/parameter.hpp: element types and parameter descriptors (name, dtype, shape).
+// shardline/plan/parameter.hpp: element types and parameter descriptors (name, dtype, shape).
 #pragma once
 
 #include <cstddef>

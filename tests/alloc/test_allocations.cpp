@@ -1,7 +1,7 @@
 #include <shardline/pipeline.hpp>
 
-#include <shardline/loopback_transport.hpp>
-#include <shardline/shard_map.hpp>
+#include <shardline/transport/loopback.hpp>
+#include <shardline/plan/shard_map.hpp>
 #include <shardline/weights_receiver.hpp>
 
 #include <asio/io_context.hpp>
@@ -23,8 +23,10 @@
 #include <vector>
 
 // Every allocation of the program goes through these replacements (the replaceable global
-// operator new/delete are program-wide, so they serve the whole test binary): they forward
-// to malloc/free and count calls, which only the tests below read.
+// operator new/delete are program-wide): they forward to malloc/free and count calls, which
+// only the tests below read. That is why this suite is a binary of its own
+// (shardline_alloc_tests): the replacements must not sit under the rest of the suite, nor
+// under a sanitizer's allocator.
 namespace {
 
 std::atomic<std::size_t> allocations{0};

@@ -9,7 +9,7 @@
 
 #include <shardline/detail/codec.hpp>
 #include <shardline/error.hpp>
-#include <shardline/transport.hpp>
+#include <shardline/transport/concepts.hpp>
 
 #include <array>
 #include <cstddef>
@@ -68,7 +68,7 @@ inline std::array<std::byte, verdict_bytes> encode_verdict(std::error_code refus
 inline std::error_code decode_verdict(const std::array<std::byte, verdict_bytes>& f) {
   const auto v = get_le<std::uint32_t>(f.data());
   if (v == 0) return {};
-  if (v > static_cast<std::uint32_t>(errc::version_abandoned)) return make_error_code(errc::protocol_error);
+  if (v > static_cast<std::uint32_t>(last_errc)) return make_error_code(errc::protocol_error);
   return make_error_code(static_cast<errc>(v));
 }
 

@@ -1,4 +1,4 @@
-// shardline/inflight_limiter.hpp: bounds outstanding writes and bytes (or buckets), so
+// shardline/async/inflight_limiter.hpp: bounds outstanding writes and bytes (or buckets), so
 // producers wait instead of queueing without limit.
 #pragma once
 

@@ -1,21 +1,21 @@
-// shardline/verbs/transport.hpp: RDMA WRITE over libibverbs RC queue pairs, with the CQs
+// shardline/transport/verbs/transport.hpp: RDMA WRITE over libibverbs RC queue pairs, with the CQs
 // polled by the io_context and a TCP control connection per sender for admission, the QP
 // exchange, the region table and the notices. Satisfies shardline::transport.
 #pragma once
 
-#include <shardline/detail/control.hpp>
+#include <shardline/transport/detail/control.hpp>
 #include <shardline/error.hpp>
 #include <shardline/memory.hpp>
-#include <shardline/transport.hpp>
-#include <shardline/verbs/completion_queue.hpp>
-#include <shardline/verbs/detail/connection_state.hpp>
-#include <shardline/verbs/detail/receiver_state.hpp>
-#include <shardline/verbs/detail/wire.hpp>
-#include <shardline/verbs/device.hpp>
-#include <shardline/verbs/error.hpp>
-#include <shardline/verbs/memory_region.hpp>
-#include <shardline/verbs/options.hpp>
-#include <shardline/verbs/queue_pair.hpp>
+#include <shardline/transport/concepts.hpp>
+#include <shardline/transport/verbs/completion_queue.hpp>
+#include <shardline/transport/verbs/detail/connection_state.hpp>
+#include <shardline/transport/verbs/detail/receiver_state.hpp>
+#include <shardline/transport/verbs/detail/wire.hpp>
+#include <shardline/transport/verbs/device.hpp>
+#include <shardline/transport/verbs/error.hpp>
+#include <shardline/transport/verbs/memory_region.hpp>
+#include <shardline/transport/verbs/options.hpp>
+#include <shardline/transport/verbs/queue_pair.hpp>
 
 #include <asio/any_io_executor.hpp>
 #include <asio/async_result.hpp>
@@ -55,7 +55,7 @@ namespace shardline::verbs {
 /// transport is used from the executor's thread (an io_context run by one thread, or a
 /// strand). No threads of its own: completions run as handlers on the executor.
 template <poll_mode Mode = poll_mode::adaptive, class Executor = asio::any_io_executor>
-class basic_transport {
+class basic_verbs_transport {
   using timer_type = asio::basic_waitable_timer<std::chrono::steady_clock,
                                                 asio::wait_traits<std::chrono::steady_clock>,
                                                 Executor>;
@@ -76,7 +76,7 @@ public:
   /// Opens the device. Throws shardline::error(errc::no_device, "no RDMA device: ...")
   /// when there is none (or the named one is missing, or has no active port / RoCE v2
   /// IPv4 GID).
-  explicit basic_transport(const executor_type& ex, options opts = {})
+  explicit basic_verbs_transport(const executor_type& ex, options opts = {})
       : executor_(ex),
         opts_(std::move(opts)),
         device_(std::make_shared<device>(opts_.device, opts_.port, opts_.gid_index)) {}
@@ -99,7 +99,7 @@ public:
     }
 
   private:
-    friend class basic_transport;
+    friend class basic_verbs_transport;
     registration(memory_region mr, memory_location where) : mr_(std::move(mr)), where_(where) {}
     memory_region mr_;
     memory_location where_{};
@@ -199,7 +199,7 @@ public:
     }
 
   private:
-    friend class basic_transport;
+    friend class basic_verbs_transport;
     connection(const Executor& ex, std::shared_ptr<state_type> s)
         : state_(std::move(s)), executor_(ex) {}
 
@@ -238,14 +238,14 @@ public:
   public:
     using executor_type = Executor;
     using state_type = detail::receiver_state<Mode, Executor>;
-    static constexpr memory_kinds destination_kinds = basic_transport::destination_kinds;
+    static constexpr memory_kinds destination_kinds = basic_verbs_transport::destination_kinds;
 
     /// Binds and listens on `listen` (port 0: ephemeral). `notice_depth` bounds the notices
     /// queued before async_wait_notification takes them: a notice is acknowledged once it is
     /// taken or queued within that depth; past it, its sender's async_notify waits, and its
     /// next notice is not read, until a wait takes one (0: every notice waits for a wait).
     /// Throws std::system_error when the address cannot be bound.
-    receiver(basic_transport& t, asio::ip::tcp::endpoint listen, std::size_t notice_depth = 64)
+    receiver(basic_verbs_transport& t, asio::ip::tcp::endpoint listen, std::size_t notice_depth = 64)
         : transport_(&t),
           state_(std::make_shared<state_type>(t.executor_, t.device_, t.opts_, listen,
                                               notice_depth)) {}
@@ -455,7 +455,7 @@ public:
     // same sender to be read to its end; past them the newcomer is refused.
     static constexpr unsigned max_yields = 64;
 
-    basic_transport* transport_;
+    basic_verbs_transport* transport_;
     std::shared_ptr<state_type> state_;
   };
 
@@ -494,7 +494,7 @@ private:
   };
 
   struct connect_op {
-    basic_transport* t;
+    basic_verbs_transport* t;
     asio::ip::tcp::endpoint peer;
     sender_identity who;
     std::unique_ptr<connect_data> d;
@@ -592,7 +592,7 @@ private:
   std::shared_ptr<device> device_;
 };
 
-using transport = basic_transport<>;
+using verbs_transport = basic_verbs_transport<>;
 
 /// A failed write in words, for error messages: which region it targeted (by the
 /// receiver's table) and why, e.g. "write of 64 bytes at +0 of region 'layer0.w':
@@ -609,6 +609,13 @@ inline std::string describe(const region_table& table, const write_request& w,
   return s + ": " + ec.message();
 }
 
-static_assert(shardline::transport<transport>);
+static_assert(shardline::transport<verbs_transport>);
 
 }  // namespace shardline::verbs
+
+namespace shardline {
+// Beside shardline::loopback_transport and shardline::shm_transport; the class is no longer
+// called verbs::transport, a name that read as the concept shardline::transport.
+using verbs::basic_verbs_transport;
+using verbs::verbs_transport;
+}  // namespace shardline

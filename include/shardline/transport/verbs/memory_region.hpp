@@ -1,10 +1,10 @@
-// shardline/verbs/memory_region.hpp: a registered memory region that keeps its device alive.
+// shardline/transport/verbs/memory_region.hpp: a registered memory region that keeps its device alive.
 #pragma once
 
 #include <shardline/error.hpp>
 #include <shardline/memory.hpp>
-#include <shardline/verbs/detail/handles.hpp>
-#include <shardline/verbs/device.hpp>
+#include <shardline/transport/verbs/detail/handles.hpp>
+#include <shardline/transport/verbs/device.hpp>
 
 #include <cerrno>
 #include <memory>

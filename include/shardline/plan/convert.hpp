@@ -1,4 +1,4 @@
-// shardline/convert.hpp: dtype conversions loaders need on the way into the inference layout.
+// shardline/plan/convert.hpp: dtype conversions loaders need on the way into the inference layout.
 #pragma once
 
 #include <shardline/error.hpp>

@@ -1,17 +1,17 @@
-// shardline/verbs/detail/receiver_state.hpp: the receiver side: arenas and adopted memory,
+// shardline/transport/verbs/detail/receiver_state.hpp: the receiver side: arenas and adopted memory,
 // the region table, the senders (each with its control socket and QPs) and their notices.
 #pragma once
 
-#include <shardline/detail/control.hpp>
+#include <shardline/transport/detail/control.hpp>
 #include <shardline/error.hpp>
 #include <shardline/memory.hpp>
-#include <shardline/transport.hpp>
-#include <shardline/verbs/detail/handler.hpp>
-#include <shardline/verbs/detail/handles.hpp>
-#include <shardline/verbs/device.hpp>
-#include <shardline/verbs/memory_region.hpp>
-#include <shardline/verbs/options.hpp>
-#include <shardline/verbs/queue_pair.hpp>
+#include <shardline/transport/concepts.hpp>
+#include <shardline/transport/verbs/detail/handler.hpp>
+#include <shardline/transport/verbs/detail/handles.hpp>
+#include <shardline/transport/verbs/device.hpp>
+#include <shardline/transport/verbs/memory_region.hpp>
+#include <shardline/transport/verbs/options.hpp>
+#include <shardline/transport/verbs/queue_pair.hpp>
 
 #include <asio/associated_cancellation_slot.hpp>
 #include <asio/basic_socket_acceptor.hpp>

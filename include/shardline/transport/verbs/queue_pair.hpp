@@ -1,10 +1,10 @@
-// shardline/verbs/queue_pair.hpp: an RC queue pair and its INIT -> RTR -> RTS transitions.
+// shardline/transport/verbs/queue_pair.hpp: an RC queue pair and its INIT -> RTR -> RTS transitions.
 #pragma once
 
 #include <shardline/error.hpp>
-#include <shardline/verbs/detail/handles.hpp>
-#include <shardline/verbs/device.hpp>
-#include <shardline/verbs/options.hpp>
+#include <shardline/transport/verbs/detail/handles.hpp>
+#include <shardline/transport/verbs/device.hpp>
+#include <shardline/transport/verbs/options.hpp>
 
 #include <infiniband/verbs.h>
 

@@ -1,15 +1,15 @@
-// shardline/verbs/detail/wire.hpp: the QP exchange on the control connection, after the
-// sender's hello (detail/control.hpp, magic "SLVB") was admitted by the receiver's verdict:
+// shardline/transport/verbs/detail/wire.hpp: the QP exchange on the control connection, after the
+// sender's hello (transport/detail/control.hpp, magic "SLVB") was admitted by the receiver's verdict:
 //   sender -> receiver: "SLVQ" u32 qps, gid[16], qps x (u32 qp_num, u32 psn)
 //   receiver -> sender: the same for the receiver's QPs, then u64 n + n bytes of the
 //                       receiver's serialized region_table.
 // Then, for the connection's life: notice frames (sender -> receiver), each acknowledged by
-// its echo (detail/control.hpp). Little-endian, through detail/codec.hpp.
+// its echo (transport/detail/control.hpp). Little-endian, through detail/codec.hpp.
 #pragma once
 
 #include <shardline/detail/codec.hpp>
 #include <shardline/error.hpp>
-#include <shardline/verbs/queue_pair.hpp>
+#include <shardline/transport/verbs/queue_pair.hpp>
 
 #include <asio/error.hpp>
 

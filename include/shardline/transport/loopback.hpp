@@ -1,11 +1,11 @@
-// shardline/loopback_transport.hpp: an in-process transport for testing pipeline logic.
+// shardline/transport/loopback.hpp: an in-process transport for testing pipeline logic.
 // It copies with memcpy on the calling thread; it is never a stand-in for verbs or shm.
 #pragma once
 
 #include <shardline/detail/completion.hpp>
 #include <shardline/error.hpp>
 #include <shardline/memory.hpp>
-#include <shardline/transport.hpp>
+#include <shardline/transport/concepts.hpp>
 
 #include <asio/any_io_executor.hpp>
 #include <asio/async_result.hpp>

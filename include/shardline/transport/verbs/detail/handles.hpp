@@ -1,4 +1,4 @@
-// shardline/verbs/detail/handles.hpp: owning handles for raw verbs objects.
+// shardline/transport/verbs/detail/handles.hpp: owning handles for raw verbs objects.
 #pragma once
 
 #include <infiniband/verbs.h>

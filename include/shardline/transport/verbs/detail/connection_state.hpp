@@ -1,17 +1,17 @@
-// shardline/verbs/detail/connection_state.hpp: the sender side of one peer: its CQ, QPs,
+// shardline/transport/verbs/detail/connection_state.hpp: the sender side of one peer: its CQ, QPs,
 // the write operations in flight, and the control socket that carries its notices.
 #pragma once
 
-#include <shardline/detail/control.hpp>
+#include <shardline/transport/detail/control.hpp>
 #include <shardline/error.hpp>
 #include <shardline/memory.hpp>
-#include <shardline/transport.hpp>
-#include <shardline/verbs/completion_queue.hpp>
-#include <shardline/verbs/detail/handler.hpp>
-#include <shardline/verbs/device.hpp>
-#include <shardline/verbs/error.hpp>
-#include <shardline/verbs/options.hpp>
-#include <shardline/verbs/queue_pair.hpp>
+#include <shardline/transport/concepts.hpp>
+#include <shardline/transport/verbs/completion_queue.hpp>
+#include <shardline/transport/verbs/detail/handler.hpp>
+#include <shardline/transport/verbs/device.hpp>
+#include <shardline/transport/verbs/error.hpp>
+#include <shardline/transport/verbs/options.hpp>
+#include <shardline/transport/verbs/queue_pair.hpp>
 
 #include <asio/associated_cancellation_slot.hpp>
 #include <asio/basic_stream_socket.hpp>

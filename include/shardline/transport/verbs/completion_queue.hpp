@@ -1,10 +1,10 @@
-// shardline/verbs/completion_queue.hpp: a completion channel + CQ, polled on an io_context.
+// shardline/transport/verbs/completion_queue.hpp: a completion channel + CQ, polled on an io_context.
 #pragma once
 
 #include <shardline/error.hpp>
-#include <shardline/verbs/detail/handles.hpp>
-#include <shardline/verbs/device.hpp>
-#include <shardline/verbs/options.hpp>
+#include <shardline/transport/verbs/detail/handles.hpp>
+#include <shardline/transport/verbs/device.hpp>
+#include <shardline/transport/verbs/options.hpp>
 
 #include <asio/post.hpp>
 #include <asio/posix/basic_stream_descriptor.hpp>

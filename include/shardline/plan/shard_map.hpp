@@ -1,10 +1,10 @@
-// shardline/shard_map.hpp: rules that fuse a trainer's source tensors into the destination
+// shardline/plan/shard_map.hpp: rules that fuse a trainer's source tensors into the destination
 // parameters of the inference layout (q/k/v -> qkv_proj, gate/up -> gate_up_proj, MoE
 // experts -> w13/w2, and user rules).
 #pragma once
 
 #include <shardline/error.hpp>
-#include <shardline/parameter.hpp>
+#include <shardline/plan/parameter.hpp>
 
 #include <algorithm>
 #include <charconv>
