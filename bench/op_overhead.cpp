@@ -3,27 +3,29 @@
 //
 //   bench_op_overhead [--writes N] [--bytes B] [--repetitions R] [--json]
 //
-// `op_overhead` (the JSON result) is the library's way to await one operation today:
-// co_await async_write(use_awaitable) on loopback_transport (any_io_executor). The table adds,
-// against the same baseline:
-//   (b) co_await await_op(ec, write): a custom awaitable (below) that detaches the
-//       coroutine's awaitable thread into a small handler instead of running use_awaitable's
-//       per-operation coroutine frame;
-//   (c) as_tuple(use_awaitable) and redirect_error(use_awaitable, ec): no exception on error,
-//       the same frame as (a);
-//   the same write completing to a plain callback chain (no coroutine at all);
-//   (b) with the write's handler wrapped so that it has no associated executor: the
-//       transport's completion post then skips Asio's work_dispatcher hop (post to the
-//       handler's executor, count work, dispatch again), which is what a same-executor fast
-//       path in detail::post_completion would save;
-//   a bare await_op round trip on an initiation that only posts its handler;
-//   the same on a transport and coroutines typed on io_context::executor_type instead of
-//   any_io_executor (no type-erased executor on the path).
+// `op_overhead` (the JSON result) is the library's cheapest documented way to await one
+// operation: a coroutine of asio::awaitable<void, io_context::executor_type> doing
+// co_await async_write(use_frameless_awaitable_t<io_context::executor_type>{}) on a
+// basic_loopback_transport<io_context::executor_type>, whose completion goes through
+// detail::post_completion's same-executor fast path. The table adds, against the same
+// baseline:
+//   - the old headline, co_await async_write(use_awaitable) on loopback_transport
+//     (any_io_executor), and the other combinations of token and executor: the custom
+//     awaitable (use_frameless_awaitable) against use_awaitable's per-operation coroutine
+//     over the same allocator-aware op (the "measure which" of the issue);
+//   - as_tuple(...) of both tokens and redirect_error(use_awaitable): no exception on error;
+//   - the same write completing to a plain callback chain (no coroutine at all);
+//   - the coroutine round trip alone, on an initiation that only posts its handler: through
+//     post_completion (no work_dispatcher when the executors match) and through a plain
+//     asio::post of the handler (Asio adds its work_dispatcher hop), which is what the fast
+//     path saves.
 // Every variant does `writes` 64-byte writes, one at a time, each awaited (or chained) before
 // the next. The cost is the thread's CPU time per write (CLOCK_THREAD_CPUTIME_ID: all of it
 // runs on this one thread and never blocks, and CPU time does not count the time the
 // shared machine gives to others); median of `repetitions` rounds, the variants
 // interleaved within each round.
+#include <shardline/async/use_frameless_awaitable.hpp>
+#include <shardline/detail/completion.hpp>
 #include <shardline/error.hpp>
 #include <shardline/transport/loopback.hpp>
 
@@ -36,12 +38,10 @@
 #include <asio/post.hpp>
 #include <asio/redirect_error.hpp>
 #include <asio/use_awaitable.hpp>
-#include <asio/version.hpp>
 
 #include <time.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -54,100 +54,31 @@ namespace sl = shardline;
 
 namespace {
 
-// (b), a candidate for the library (not in it: on its own it does not reach the 2x goal).
-// Asio 1.22's co_await op(use_awaitable) runs async_result<use_awaitable_t>::initiate, itself
-// a coroutine: per operation its frame is allocated (recycled), the initiation and its
-// arguments are copied into it, it is pushed on the awaitable thread, resumed, detaches the
-// thread into an awaitable_handler, and is popped and destroyed on completion. await_op has
-// the awaiting coroutine detach its own thread into resume_handler directly, through the
-// co_await-a-function hook use_awaitable itself is built on; the handler re-attaches the
-// thread and resumes the coroutine. It inherits the coroutine's executor and cancellation
-// slot from awaitable_thread, so the operation completes on the coroutine's executor and
-// per-operation cancellation works as with use_awaitable. Relies on asio::detail
-// (awaitable_frame_base, awaitable_thread) as read in 1.22.1.
-static_assert(ASIO_VERSION >= 102200 && ASIO_VERSION < 102300, "await_op relies on Asio 1.22 internals");
+using typed_executor = asio::io_context::executor_type;
+using erased_executor = asio::any_io_executor;
 
 template <class Executor>
-class resume_handler : public asio::detail::awaitable_thread<Executor> {
-public:
-  resume_handler(asio::detail::awaitable_frame_base<Executor>* frame, std::error_code& result)
-      : asio::detail::awaitable_thread<Executor>(std::move(*frame->detach_thread())),
-        frame_(frame),
-        result_(&result) {}
-  resume_handler(resume_handler&&) noexcept = default;
+using frameless = sl::use_frameless_awaitable_t<Executor>;
+template <class Executor>
+using awaitable_token = asio::use_awaitable_t<Executor>;
 
-  void operator()(std::error_code ec) {
-    *result_ = ec;
-    frame_->attach_thread(this);
-    frame_->clear_cancellation_slot();
-    this->pump();
-  }
-
-private:
-  asio::detail::awaitable_frame_base<Executor>* frame_;
-  std::error_code* result_;
-};
-
-// What co_await takes: Asio's promise calls a function of the awaiting frame returning an
-// awaitable_thread* once the coroutine is suspended.
-template <class Initiation>
-class error_code_op {
-public:
-  error_code_op(Initiation initiation, std::error_code& result)
-      : initiation_(std::move(initiation)), result_(&result) {}
-
-  template <class Executor>
-  asio::detail::awaitable_thread<Executor>* operator()(asio::detail::awaitable_frame_base<Executor>* frame) {
-    std::move(initiation_)(resume_handler<Executor>(frame, *result_));
-    return nullptr;
-  }
-
-private:
-  Initiation initiation_;
-  std::error_code* result_;
-};
-
-// co_await await_op(ec, initiation): calls initiation(handler) once suspended, resumes with
-// `ec` set. Declare the initiation lambda before the co_await (g++ 12 and capturing lambdas
-// inside co_await expressions).
-template <class Initiation>
-error_code_op<Initiation> await_op(std::error_code& ec, Initiation initiation) {
-  return error_code_op<Initiation>(std::move(initiation), ec);
-}
-
-using typed_executor = asio::io_context::executor_type;
-
-// (a) use_awaitable: a failed write throws.
-template <class Executor, class Conn>
-asio::awaitable<void, Executor> awaited_use_awaitable(Conn& conn, sl::write_request request, std::size_t n) {
+// A write per iteration, awaited with `Token`; a failed write throws.
+template <class Executor, class Token, class Conn>
+asio::awaitable<void, Executor> awaited_writes(Conn& conn, sl::write_request request, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i)
-    co_await conn.async_write(std::span<const sl::write_request>(&request, 1), asio::use_awaitable_t<Executor>{});
+    co_await conn.async_write(std::span<const sl::write_request>(&request, 1), Token{});
 }
 
-// (b) await_op: the code comes back in `ec`.
-template <class Executor, class Conn>
-asio::awaitable<void, Executor> awaited_op(Conn& conn, sl::write_request request, std::size_t n) {
-  const auto write = [&conn, &request](auto handler) {
-    conn.async_write(std::span<const sl::write_request>(&request, 1), std::move(handler));
-  };
-  std::error_code ec;
-  for (std::size_t i = 0; i < n; ++i) {
-    co_await await_op(ec, write);
-    if (ec) throw sl::error(ec, "op_overhead: write failed");
-  }
-}
-
-// (c) as_tuple(use_awaitable).
-asio::awaitable<void> awaited_as_tuple(sl::loopback_transport::connection& conn, sl::write_request request,
-                                       std::size_t n) {
+// The same, the code coming back as a tuple.
+template <class Executor, class Token, class Conn>
+asio::awaitable<void, Executor> awaited_writes_as_tuple(Conn& conn, sl::write_request request, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i) {
     auto [ec] = co_await conn.async_write(std::span<const sl::write_request>(&request, 1),
-                                          asio::experimental::as_tuple(asio::use_awaitable));
+                                          asio::experimental::as_tuple(Token{}));
     if (ec) throw sl::error(ec, "op_overhead: write failed");
   }
 }
 
-// (c) redirect_error(use_awaitable, ec).
 asio::awaitable<void> awaited_redirect(sl::loopback_transport::connection& conn, sl::write_request request,
                                        std::size_t n) {
   std::error_code ec;
@@ -158,45 +89,30 @@ asio::awaitable<void> awaited_redirect(sl::loopback_transport::connection& conn,
   }
 }
 
-// The coroutine round trip alone: use_awaitable's, and await_op's on an initiation that only
-// posts its handler (as the loopback does after its copy).
-asio::awaitable<void> bare_use_awaitable(asio::io_context& io, std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) co_await asio::post(io, asio::use_awaitable);
+// An operation that only completes: through the library's post_completion, or through a
+// plain asio::post of the handler (Asio then adds its work_dispatcher hop, because a
+// coroutine's handler has an associated executor of its own).
+template <class Token>
+auto async_post_completion(const typed_executor& io, Token&& token) {
+  return asio::async_initiate<Token, void(std::error_code)>(
+      [io](auto handler) { sl::detail::post_completion(io, std::move(handler), std::error_code{}); }, token);
 }
 
-asio::awaitable<void> bare_await_op(asio::io_context& io, std::size_t n) {
-  const auto post_only = [&io](auto handler) {
-    asio::post(io, asio::experimental::append(std::move(handler), std::error_code{}));
-  };
-  std::error_code ec;
-  for (std::size_t i = 0; i < n; ++i) co_await await_op(ec, post_only);
+template <class Token>
+auto async_plain_post(const typed_executor& io, Token&& token) {
+  return asio::async_initiate<Token, void(std::error_code)>(
+      [io](auto handler) { asio::post(io, asio::experimental::append(std::move(handler), std::error_code{})); },
+      token);
 }
 
-// The same as awaited_op, but the transport gets the resuming handler wrapped in a callable
-// with no associated executor, so its completion post is a plain post instead of Asio's
-// work_dispatcher hop (post to the handler's executor, track work, dispatch again). Only
-// correct because the coroutine and the transport share one executor: it shows what a
-// same-executor fast path in detail::post_completion would save.
-template <class Executor, class Conn>
-asio::awaitable<void, Executor> awaited_op_unassociated(Conn& conn, sl::write_request request, std::size_t n) {
-  const auto write = [&conn, &request](auto handler) {
-    conn.async_write(std::span<const sl::write_request>(&request, 1),
-                     [h = std::move(handler)](std::error_code ec) mutable { h(ec); });
-  };
-  std::error_code ec;
-  for (std::size_t i = 0; i < n; ++i) {
-    co_await await_op(ec, write);
-    if (ec) throw sl::error(ec, "op_overhead: write failed");
-  }
+template <class Token>
+asio::awaitable<void, typed_executor> bare_post_completion(typed_executor io, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) co_await async_post_completion(io, Token{});
 }
 
-template <class Executor>
-asio::awaitable<void, Executor> bare_await_op_unassociated(asio::io_context& io, std::size_t n) {
-  const auto post_only = [&io](auto handler) {
-    asio::post(io, [h = std::move(handler)]() mutable { h(std::error_code{}); });
-  };
-  std::error_code ec;
-  for (std::size_t i = 0; i < n; ++i) co_await await_op(ec, post_only);
+template <class Token>
+asio::awaitable<void, typed_executor> bare_plain_post(typed_executor io, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) co_await async_plain_post(io, Token{});
 }
 
 template <class Conn>
@@ -279,8 +195,11 @@ int main(int argc, char** argv) {
   endpoint_pair<sl::basic_loopback_transport<typed_executor>> typed(io, source);
   auto& conn = *erased.conn;
   auto& typed_conn = *typed.conn;
+  using erased_conn_type = sl::loopback_transport::connection;
+  using typed_conn_type = sl::basic_loopback_transport<typed_executor>::connection;
   const auto request = erased.request;
   const auto typed_request = typed.request;
+  const typed_executor ex = io.get_executor();
 
   struct variant {
     variant(const char* l, std::function<void()> s) : label(l), start(std::move(s)) {}
@@ -288,48 +207,63 @@ int main(int argc, char** argv) {
     std::function<void()> start;
     std::vector<double> ns;
   };
+  // The first two rows are the baseline and the headline.
   std::vector<variant> variants = {
       {"raw asio::post chain", [&] {
          asio::post(io, raw_chain{io, raw_destination.data(), source.data(), bytes, writes});
        }},
-      {"(a) use_awaitable", [&] {
-         asio::co_spawn(io, awaited_use_awaitable<asio::any_io_executor>(conn, request, writes), asio::detached);
-       }},
-      {"(b) await_op", [&] {
-         asio::co_spawn(io, awaited_op<asio::any_io_executor>(conn, request, writes), asio::detached);
-       }},
-      {"(c) as_tuple(use_awaitable)", [&] {
-         asio::co_spawn(io, awaited_as_tuple(conn, request, writes), asio::detached);
-       }},
-      {"(c) redirect_error", [&] {
-         asio::co_spawn(io, awaited_redirect(conn, request, writes), asio::detached);
-       }},
-      {"write, plain callback", [&] {
-         conn.async_write(std::span<const sl::write_request>(&request, 1),
-                          callback_chain<sl::loopback_transport::connection>{&conn, request, writes});
-       }},
-      {"co_await post, use_awaitable", [&] { asio::co_spawn(io, bare_use_awaitable(io, writes), asio::detached); }},
-      {"co_await post, await_op", [&] { asio::co_spawn(io, bare_await_op(io, writes), asio::detached); }},
-      {"typed (a) use_awaitable", [&] {
-         asio::co_spawn(io, awaited_use_awaitable<typed_executor>(typed_conn, typed_request, writes), asio::detached);
-       }},
-      {"typed (b) await_op", [&] {
-         asio::co_spawn(io, awaited_op<typed_executor>(typed_conn, typed_request, writes), asio::detached);
-       }},
-      {"typed (b), no work_dispatcher", [&] {
-         asio::co_spawn(io, awaited_op_unassociated<typed_executor>(typed_conn, typed_request, writes),
+      {"typed, use_frameless_awaitable", [&] {
+         asio::co_spawn(io, awaited_writes<typed_executor, frameless<typed_executor>>(typed_conn, typed_request, writes),
                         asio::detached);
        }},
-      {"(b), no work_dispatcher", [&] {
-         asio::co_spawn(io, awaited_op_unassociated<asio::any_io_executor>(conn, request, writes), asio::detached);
+      {"typed, use_awaitable", [&] {
+         asio::co_spawn(io, awaited_writes<typed_executor, awaitable_token<typed_executor>>(typed_conn, typed_request,
+                                                                                            writes),
+                        asio::detached);
        }},
-      {"typed post only, await_op, no w_d", [&] {
-         asio::co_spawn(io, bare_await_op_unassociated<typed_executor>(io, writes), asio::detached);
+      {"typed, as_tuple(frameless)", [&] {
+         asio::co_spawn(io, awaited_writes_as_tuple<typed_executor, frameless<typed_executor>>(typed_conn, typed_request,
+                                                                                               writes),
+                        asio::detached);
        }},
-      {"typed write, plain callback", [&] {
+      {"typed, as_tuple(use_awaitable)", [&] {
+         asio::co_spawn(io, awaited_writes_as_tuple<typed_executor, awaitable_token<typed_executor>>(
+                                typed_conn, typed_request, writes),
+                        asio::detached);
+       }},
+      {"typed, plain callback", [&] {
          typed_conn.async_write(std::span<const sl::write_request>(&typed_request, 1),
-                                callback_chain<std::remove_reference_t<decltype(typed_conn)>>{&typed_conn,
-                                                                                           typed_request, writes});
+                                callback_chain<typed_conn_type>{&typed_conn, typed_request, writes});
+       }},
+      {"any_io, use_awaitable (old)", [&] {
+         asio::co_spawn(io, awaited_writes<erased_executor, awaitable_token<erased_executor>>(conn, request, writes),
+                        asio::detached);
+       }},
+      {"any_io, use_frameless_awaitable", [&] {
+         asio::co_spawn(io, awaited_writes<erased_executor, frameless<erased_executor>>(conn, request, writes),
+                        asio::detached);
+       }},
+      {"any_io, as_tuple(use_awaitable)", [&] {
+         asio::co_spawn(io, awaited_writes_as_tuple<erased_executor, awaitable_token<erased_executor>>(conn, request,
+                                                                                                       writes),
+                        asio::detached);
+       }},
+      {"any_io, redirect_error", [&] { asio::co_spawn(io, awaited_redirect(conn, request, writes), asio::detached); }},
+      {"any_io, plain callback", [&] {
+         conn.async_write(std::span<const sl::write_request>(&request, 1),
+                          callback_chain<erased_conn_type>{&conn, request, writes});
+       }},
+      {"bare post_completion, frameless", [&] {
+         asio::co_spawn(io, bare_post_completion<frameless<typed_executor>>(ex, writes), asio::detached);
+       }},
+      {"bare asio::post (w_d), frameless", [&] {
+         asio::co_spawn(io, bare_plain_post<frameless<typed_executor>>(ex, writes), asio::detached);
+       }},
+      {"bare post_completion, use_awaitable", [&] {
+         asio::co_spawn(io, bare_post_completion<awaitable_token<typed_executor>>(ex, writes), asio::detached);
+       }},
+      {"bare asio::post (w_d), use_awaitable", [&] {
+         asio::co_spawn(io, bare_plain_post<awaitable_token<typed_executor>>(ex, writes), asio::detached);
        }},
   };
   for (int rep = 0; rep < repetitions; ++rep)
@@ -352,13 +286,14 @@ int main(int argc, char** argv) {
     return 0;
   }
   std::printf("op_overhead: %zu awaited %zu-byte writes on loopback vs a raw asio::post chain "
-              "doing the same memcpy, thread CPU ns per write, median of %d\n", writes, bytes, repetitions);
-  std::printf("  %-30s %12s %14s %8s\n", "result", "value ns/op", "baseline ns/op", "ratio");
-  std::printf("  %-30s %12.1f %14.1f %8.3f\n", "op_overhead (a) use_awaitable", ours, raw, ours / raw);
+              "doing the same memcpy, thread CPU ns per write, median of %d%s\n", writes, bytes, repetitions,
+              SHARDLINE_HAS_FRAMELESS_AWAITABLE ? "" : " (use_frameless_awaitable is use_awaitable here)");
+  std::printf("  %-36s %12s %14s %8s\n", "result", "value ns/op", "baseline ns/op", "ratio");
+  std::printf("  %-36s %12.1f %14.1f %8.3f\n", "op_overhead: typed, frameless", ours, raw, ours / raw);
   std::printf("attribution (same baseline):\n");
   for (std::size_t i = 2; i < variants.size(); ++i) {
     const double v = median(variants[i].ns);
-    std::printf("  %-30s %12.1f %14.1f %8.3f\n", variants[i].label, v, raw, v / raw);
+    std::printf("  %-36s %12.1f %14.1f %8.3f\n", variants[i].label, v, raw, v / raw);
   }
   return 0;
 }

@@ -15,6 +15,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace sl = shardline;
@@ -523,6 +524,52 @@ TEST_CASE("loopback_transport: admission refuses another plan's sender and an id
   // admit() applies from now on; 0 accepts any id and any plan.
   f.receiver.admit({});
   CHECK_NOTHROW(f.transport.connect(f.receiver, {7, 0xbeef}));
+}
+
+TEST_CASE("loopback_transport: a second open connection of one sender id is refused, naming the id; it may reconnect once closed") {
+  pair_fixture f;
+  auto first = f.transport.connect(f.receiver, {3, 0});
+  check_throws([&] { f.transport.connect(f.receiver, {3, 0}); }, sl::errc::invalid_argument,
+               {"sender 3", "still open"});
+  // Another id, and the same id at another receiver, are not affected.
+  CHECK(f.transport.connect(f.receiver, {4, 0}).is_open());
+  sl::loopback_transport::receiver elsewhere(f.io.get_executor());
+  CHECK(f.transport.connect(elsewhere, {3, 0}).is_open());
+  // A moved connection still holds the id; closing it frees the id.
+  auto moved = std::move(first);
+  check_throws([&] { f.transport.connect(f.receiver, {3, 0}); }, sl::errc::invalid_argument, {"sender 3"});
+  moved.close();
+  auto again = f.transport.connect(f.receiver, {3, 0});
+  CHECK(again.is_open());
+  // Destroying a connection closes it, and frees the id too.
+  std::optional<sl::loopback_transport::connection> scoped(f.transport.connect(f.receiver, {8, 0}));
+  scoped.reset();
+  CHECK(f.transport.connect(f.receiver, {8, 0}).is_open());
+  // A refused duplicate leaves the open connection alone.
+  CHECK(again.is_open());
+  std::vector<std::byte> source(8, std::byte{6});
+  const sl::write_request w[] = {sl::make_write(f.transport.register_memory(source).region(), source,
+                                                *again.remote_regions().find("a"))};
+  std::optional<std::error_code> result;
+  again.async_write(w, [&result](std::error_code ec) { result = ec; });
+  REQUIRE(drive(f.io, [&] { return result.has_value(); }));
+  CHECK(!*result);
+  CHECK(f.arena[0] == std::byte{6});
+}
+
+TEST_CASE("loopback_transport: a write that landed but completes after close() reports operation_aborted") {
+  pair_fixture f;
+  auto conn = f.transport.connect(f.receiver);
+  std::vector<std::byte> source(8, std::byte{2});
+  const sl::write_request w[] = {sl::make_write(f.transport.register_memory(source).region(), source,
+                                                *conn.remote_regions().find("b"))};
+  std::optional<std::error_code> result;
+  conn.async_write(w, [&result](std::error_code ec) { result = ec; });
+  CHECK(!result.has_value());  // the completion is posted, never run inline
+  conn.close();
+  REQUIRE(drive(f.io, [&] { return result.has_value(); }));
+  CHECK(*result == asio::error::operation_aborted);
+  CHECK(f.arena[32] == std::byte{2});  // it did land
 }
 
 TEST_CASE("loopback_transport: cuda_device memory is refused by register_memory and expose, naming it and the kinds") {

@@ -8,11 +8,11 @@
 #include <shardline/transport/concepts.hpp>
 
 #include <asio/any_io_executor.hpp>
+#include <asio/associator.hpp>
 #include <asio/async_result.hpp>
 #include <asio/bind_cancellation_slot.hpp>
 #include <asio/cancellation_signal.hpp>
-#include <asio/dispatch.hpp>
-#include <asio/experimental/append.hpp>
+#include <asio/error.hpp>
 #include <asio/post.hpp>
 #include <asio/experimental/channel.hpp>
 #include <asio/steady_timer.hpp>
@@ -24,9 +24,35 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 namespace shardline {
+
+namespace detail {
+/// A write's handler that reports operation_aborted when its connection closed after the
+/// write landed but before it completed, as every transport's pending operations do on close
+/// (a failure keeps its own code). It is the handler for Asio: its executor, allocator and
+/// cancellation slot are the wrapped handler's (the associator specialisation below).
+template <class Handler, class Link>
+class aborted_if_closed {
+public:
+  aborted_if_closed(Handler&& handler, std::shared_ptr<Link> link)
+      : handler_(std::move(handler)), link_(std::move(link)) {}
+  aborted_if_closed(aborted_if_closed&&) = default;
+
+  void operator()(std::error_code ec) {
+    if (link_->closed && !ec) ec = asio::error::operation_aborted;
+    std::move(handler_)(ec);
+  }
+
+  const Handler& handler() const noexcept { return handler_; }
+
+private:
+  Handler handler_;
+  std::shared_ptr<Link> link_;
+};
+}  // namespace detail
 
 /// In-process transport. Remote addresses are plain pointers into the receiver's arenas.
 ///
@@ -42,6 +68,7 @@ class basic_loopback_transport {
     region_table table;
     notice_channel notices;
     admission admitted;
+    std::unordered_set<std::uint32_t> connected;  // ids of the senders with an open connection
     bool open = true;
   };
 
@@ -204,6 +231,7 @@ public:
       if (!open_) return;
       open_ = false;
       link_->closed = true;
+      if (peer_) peer_->connected.erase(who_.sender);  // the id may connect again
       // Pending operations complete with an error (operation_aborted), as the concept says.
       for (auto& pending : link_->notices) pending.emit(asio::cancellation_type::terminal);
       // async_send, not try_send: a full queue must not lose the leave (it waits its turn).
@@ -227,7 +255,9 @@ public:
   private:
     friend class basic_loopback_transport;
     connection(const executor_type& ex, std::shared_ptr<receiver_state> peer, sender_identity who)
-        : executor_(ex), peer_(std::move(peer)), table_(peer_->table), who_(who) {}
+        : executor_(ex), peer_(std::move(peer)), table_(peer_->table), who_(who) {
+      peer_->connected.insert(who_.sender);
+    }
 
     // What outlives a moved-from connection and its delayed writes: whether it was closed, and
     // the cancellation of each notice still waiting for room.
@@ -236,16 +266,14 @@ public:
       std::list<asio::cancellation_signal> notices;
     };
 
-    // A write that landed before close() but completes after it reports operation_aborted,
-    // as every transport's pending operations do on close (a failure keeps its own code).
+    // One post, through post_completion: a handler on this executor (a coroutine typed on it)
+    // runs straight from the queue, with no second hop to its own executor.
     template <class Handler>
-    static void finish(std::shared_ptr<link_state> link, const executor_type& executor, Handler handler,
+    static void finish(std::shared_ptr<link_state> link, const executor_type& executor, Handler&& handler,
                        std::error_code result) {
-      asio::post(executor, [link = std::move(link), executor, handler = std::move(handler), result]() mutable {
-        const std::error_code ec = link->closed && !result ? std::error_code(asio::error::operation_aborted) : result;
-        auto ex = asio::get_associated_executor(handler, executor);
-        asio::dispatch(ex, asio::experimental::append(std::move(handler), ec));
-      });
+      using handler_type = std::decay_t<Handler>;
+      detail::post_completion(
+          executor, detail::aborted_if_closed<handler_type, link_state>(std::move(handler), std::move(link)), result);
     }
 
     // Static, with the peer passed in: a delayed write outlives a moved-from connection.
@@ -285,12 +313,17 @@ public:
 
   /// Connects to a receiver of this process as sender `who`; its region table is copied now.
   /// Throws shardline::error when the receiver refuses `who` (errc::unknown_sender,
-  /// errc::plan_mismatch) or is closed (errc::not_connected).
+  /// errc::plan_mismatch; errc::invalid_argument while another connection of sender
+  /// `who.sender` to it is open, as shm and verbs refuse it: once that one is closed or
+  /// destroyed, the id connects again) or is closed (errc::not_connected).
   connection connect(receiver& r, sender_identity who = {}) {
+    const std::string refused = "loopback connect: sender " + std::to_string(who.sender) + " refused: ";
     if (!r.state_->open)
       throw error(make_error_code(errc::not_connected), "loopback connect: the receiver is closed");
-    if (auto ec = r.state_->admitted.check(who))
-      throw error(ec, "loopback connect: sender " + std::to_string(who.sender) + " refused: " + ec.message());
+    if (auto ec = r.state_->admitted.check(who)) throw error(ec, refused + ec.message());
+    if (r.state_->connected.contains(who.sender))
+      throw error(make_error_code(errc::invalid_argument),
+                  refused + "a connection with this id to the receiver is still open");
     return connection(executor_, r.state_, who);
   }
 
@@ -303,3 +336,13 @@ using loopback_transport = basic_loopback_transport<>;
 static_assert(transport<loopback_transport>);
 
 }  // namespace shardline
+
+template <template <class, class> class Associator, class Handler, class Link, class DefaultCandidate>
+struct asio::associator<Associator, shardline::detail::aborted_if_closed<Handler, Link>, DefaultCandidate>
+    : Associator<Handler, DefaultCandidate> {
+  static typename Associator<Handler, DefaultCandidate>::type get(
+      const shardline::detail::aborted_if_closed<Handler, Link>& h,
+      const DefaultCandidate& c = DefaultCandidate()) noexcept {
+    return Associator<Handler, DefaultCandidate>::get(h.handler(), c);
+  }
+};
