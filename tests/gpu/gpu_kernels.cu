@@ -1,6 +1,10 @@
 // Tiny kernels for the GPU suite and the CUDA benchmarks; see gpu_kernels.hpp.
 #include "gpu_kernels.hpp"
 
+#include <shardline/cuda/fuse.cuh>
+
+#include <span>
+
 namespace gpu_test {
 namespace {
 
@@ -48,6 +52,15 @@ __global__ void write_kernel(std::uint32_t* where, std::uint32_t value) {
 
 __global__ void fault_kernel(std::uint32_t* null) { null[threadIdx.x] = 1; }
 
+__global__ void fill_bf16_kernel(std::uint16_t* data, std::size_t n, std::uint32_t seed, float amplitude) {
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::size_t(gridDim.x) * blockDim.x) {
+    const float unit = static_cast<float>(device_word(i, seed) >> 8) * 0x1p-24f;  // [0, 1)
+    const unsigned bits = __float_as_uint((2.0f * unit - 1.0f) * amplitude);
+    data[i] = static_cast<std::uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  }
+}
+
 }  // namespace
 
 cudaError_t fill_words(std::uint32_t* data, std::size_t n, std::uint32_t seed, cudaStream_t s) {
@@ -74,6 +87,15 @@ cudaError_t write_value(std::uint32_t* where, std::uint32_t value, cudaStream_t 
 cudaError_t fault(cudaStream_t s) {
   fault_kernel<<<1, 32, 0, s>>>(nullptr);
   return cudaGetLastError();
+}
+
+cudaError_t fill_bf16(std::uint16_t* data, std::size_t n, std::uint32_t seed, float amplitude, cudaStream_t s) {
+  fill_bf16_kernel<<<1024, 256, 0, s>>>(data, n, seed, amplitude);
+  return cudaGetLastError();
+}
+
+void fuse(const shardline::cuda::fuse_copy* copies, std::size_t n, cudaStream_t s) {
+  shardline::cuda::enqueue_fuse(std::span<const shardline::cuda::fuse_copy>(copies, n), s);
 }
 
 }  // namespace gpu_test

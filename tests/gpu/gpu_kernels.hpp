@@ -7,6 +7,10 @@
 #include <cstddef>
 #include <cstdint>
 
+namespace shardline::cuda {
+struct fuse_copy;
+}
+
 namespace gpu_test {
 
 /// The word fill_words writes at index i: a hash of i and seed, never constant.
@@ -33,5 +37,11 @@ cudaError_t write_value(std::uint32_t* where, std::uint32_t value, cudaStream_t 
 
 /// Writes through a null pointer: the device faults (a sticky error, the context is lost).
 cudaError_t fault(cudaStream_t s);
+
+/// data[i] = bf16 of a weight-like value in [-amplitude, amplitude), a hash of i and seed.
+cudaError_t fill_bf16(std::uint16_t* data, std::size_t n, std::uint32_t seed, float amplitude, cudaStream_t s);
+
+/// shardline::cuda::enqueue_fuse(copies[0..n), s) (shardline/cuda/fuse.cuh), throwing as it does.
+void fuse(const shardline::cuda::fuse_copy* copies, std::size_t n, cudaStream_t s);
 
 }  // namespace gpu_test
