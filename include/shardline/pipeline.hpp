@@ -83,6 +83,11 @@ struct pipeline_options {
   /// errc::shard_timeout (a void loader runs on a thread and cannot be interrupted).
   std::chrono::milliseconds shard_timeout{30000};
   std::size_t loader_threads = 1;              ///< threads for void loaders; 0: on the io_context
+  /// Longest the update waits for the receivers to acknowledge one notice (begin, commit,
+  /// abort, withdraw) before it fails with errc::ack_timeout naming the receiver: a receiver
+  /// that is alive but never reads its notices must not hang the trainer. Must be positive;
+  /// std::chrono::milliseconds::max() waits without a bound.
+  std::chrono::milliseconds ack_timeout{30000};
 };
 
 struct bucket_report {
@@ -173,9 +178,9 @@ public:
   /// `receivers[r]` is the connection to the plan's receiver r, or nullptr for a receiver
   /// that is not attached (see attach_receiver). Throws shardline::error naming the cause:
   /// errc::invalid_argument when the plan has several senders and is not a sender's plan,
-  /// or the receiver count differs from the plan's; errc::unsupported_memory when the
-  /// staging memory or a receiver's region is of a kind the transport cannot move; and what
-  /// attach_receiver throws for each receiver.
+  /// the receiver count differs from the plan's, or options.ack_timeout is not positive;
+  /// errc::unsupported_memory when the staging memory or a receiver's region is of a kind the
+  /// transport cannot move; and what attach_receiver throws for each receiver.
   update_pipeline(Transport& transport, transfer_plan plan, std::vector<connection_type*> receivers,
                   pipeline_options options = {}, staging_type staging = {})
       : executor_(transport.get_executor()),
@@ -193,6 +198,10 @@ public:
       throw error(make_error_code(errc::invalid_argument),
                   "update_pipeline: the plan has " + std::to_string(plan_.senders()) +
                       " senders: give each sender's pipeline plan.for_sender(s)");
+    if (options_.ack_timeout <= std::chrono::milliseconds::zero())
+      throw error(make_error_code(errc::invalid_argument),
+                  "update_pipeline: ack_timeout is " + std::to_string(options_.ack_timeout.count()) +
+                      " ms: it must be positive (milliseconds::max() waits without a bound)");
     if (receivers.size() != plan_.receivers())
       throw error(make_error_code(errc::invalid_argument),
                   "update_pipeline: the plan has " + std::to_string(plan_.receivers()) +
@@ -266,6 +275,13 @@ public:
   /// receiver) and the cause; with use_awaitable it is thrown. A failed update leaves every
   /// connection usable: writes already posted finish, nothing new is posted.
   ///
+  /// A receiver that does not acknowledge a notice within options.ack_timeout fails the
+  /// update with errc::ack_timeout naming it and the notice; the notice's operation is
+  /// cancelled (per-operation, terminal) and not waited for: a transport that cannot recall
+  /// it may still deliver it later, so a commit that timed out may yet be announced there.
+  /// Receivers that timed out get the abort or withdraw that follows a failure without being
+  /// waited for again.
+  ///
   /// Per-operation cancellation, completing with asio::error::operation_aborted and no
   /// commit anywhere:
   ///  - terminal: stops now: no load and no write starts after it (a load running on a
@@ -307,6 +323,7 @@ private:
     std::size_t writes_posted = 0;
     std::vector<bucket_run*> running;
     update_report report;
+    std::vector<bool> unresponsive;  // [receiver]: a notice of this update timed out there
   };
 
   // A bucket's claim on a staging slot, given back when the bucket's last write completed.
@@ -450,31 +467,94 @@ private:
     }
   }
 
+  // What one announce shares with its notify completions, which may outlive it: after a
+  // timeout the announce returns without them (a transport may never complete a notice it
+  // cannot recall), so they reach the announce only through `bell` while it waits.
+  struct acknowledgements {
+    explicit acknowledgements(std::size_t receivers) : cancel(new asio::cancellation_signal[receivers]), waiting(receivers) {}
+    std::unique_ptr<asio::cancellation_signal[]> cancel;  // [receiver]: its notify's
+    std::vector<char> waiting;                            // [receiver]: not yet acknowledged
+    std::size_t pending = 0;
+    bool timed_out = false;
+    std::vector<std::size_t> acked;
+    std::optional<std::pair<std::size_t, std::error_code>> failed;
+    detail::doorbell<executor_type>* bell = nullptr;  // null once the announce stopped waiting
+  };
+
+  struct acknowledged {
+    std::shared_ptr<acknowledgements> acks;
+    std::size_t receiver;
+    void operator()(std::error_code ec) const {
+      auto& a = *acks;
+      if (!a.bell) return;  // the announce gave up on it (timeout): nothing to report
+      a.waiting[receiver] = false;
+      if (!ec) a.acked.push_back(receiver);
+      else if (!a.failed) a.failed.emplace(receiver, ec);
+      if (--a.pending == 0) a.bell->ring();
+    }
+  };
+
   // Sends `kind` to every attached receiver this sender writes to (the others do not count
-  // it among their senders) and waits for every acknowledgement. Returns the receivers that
-  // acknowledged; `failed` gets the first failure (receiver, code).
+  // it among their senders) and waits for every acknowledgement, at most options.ack_timeout.
+  // Returns the receivers that acknowledged; `failed` gets the first failure (receiver,
+  // code), errc::ack_timeout for the first receiver still silent when the time is up.
+  // Receivers marked unresponsive get the notice but are not waited for.
   asio::awaitable<std::vector<std::size_t>, executor_type> announce(
       update_state& u, notice_kind kind, std::optional<std::pair<std::size_t, std::error_code>>& failed,
       bool cancellable) {
     detail::doorbell<executor_type> bell(executor_);
-    std::size_t pending = 0;
-    std::vector<std::size_t> acked;
+    auto acks = std::make_shared<acknowledgements>(receivers_.size());
+    acks->bell = &bell;
     for (std::size_t r = 0; r < receivers_.size(); ++r) {
       if (!receivers_[r] || !writes_to_[r]) continue;
-      ++pending;
-      receivers_[r]->async_notify(kind, u.version, [&, r](std::error_code ec) {
-        if (!ec) acked.push_back(r);
-        else if (!failed) failed.emplace(r, ec);
-        if (--pending == 0) bell.ring();
+      if (u.unresponsive[r]) {
+        receivers_[r]->async_notify(kind, u.version, [](std::error_code) {});
+        continue;
+      }
+      ++acks->pending;
+      acks->waiting[r] = true;
+      receivers_[r]->async_notify(kind, u.version,
+                                  asio::bind_cancellation_slot(acks->cancel[r].slot(), acknowledged{acks, r}));
+    }
+    asio::steady_timer timer(executor_);
+    if (acks->pending > 0 && options_.ack_timeout != std::chrono::milliseconds::max()) {
+      timer.expires_after(options_.ack_timeout);
+      timer.async_wait([acks](std::error_code ec) {
+        if (ec || !acks->bell) return;
+        acks->timed_out = true;
+        acks->bell->ring();
       });
     }
-    while (pending > 0) {
+    while (acks->pending > 0 && !acks->timed_out) {
       co_await bell.wait();
       if (cancellable) co_await take_cancellation(u);
       else co_await asio::this_coro::reset_cancellation_state(asio::enable_total_cancellation());
     }
-    std::sort(acked.begin(), acked.end());
-    co_return acked;
+    timer.cancel();
+    // From here on a completion reports nothing: it may come during the cancellation below.
+    acks->bell = nullptr;
+    std::optional<std::pair<std::size_t, std::error_code>> silent;
+    for (std::size_t r = 0; r < receivers_.size(); ++r) {
+      if (!acks->waiting[r]) continue;
+      u.unresponsive[r] = true;
+      if (!silent) silent.emplace(r, make_error_code(errc::ack_timeout));
+      acks->cancel[r].emit(asio::cancellation_type::terminal);
+    }
+    if (!failed) failed = acks->failed ? acks->failed : silent;
+    std::sort(acks->acked.begin(), acks->acked.end());
+    co_return std::move(acks->acked);
+  }
+
+  // "begin of version 3: receiver 1: peer disconnected", or for a timeout "receiver 1 did not
+  // acknowledge the commit of version 3 within 30 s".
+  std::string notice_failure(notice_kind kind, std::uint32_t version,
+                             const std::pair<std::size_t, std::error_code>& failed) const {
+    const std::string notice = std::string(to_string(kind)) + " of version " + std::to_string(version);
+    const std::string receiver = "receiver " + std::to_string(failed.first);
+    if (failed.second != errc::ack_timeout) return notice + ": " + receiver + ": " + failed.second.message();
+    const auto ms = options_.ack_timeout.count();
+    const std::string limit = ms % 1000 == 0 ? std::to_string(ms / 1000) + " s" : std::to_string(ms) + " ms";
+    return receiver + " did not acknowledge the " + notice + " within " + limit;
   }
 
   template <class Loader>
@@ -491,6 +571,7 @@ private:
     co_await asio::this_coro::throw_if_cancelled(false);
     co_await asio::this_coro::reset_cancellation_state(asio::enable_total_cancellation());
     update_state u(executor_, version);
+    u.unresponsive.assign(receivers_.size(), false);
     u.report.version = version;
     u.report.sender = sender();
     u.report.start = clock::now();
@@ -499,9 +580,7 @@ private:
 
     std::optional<std::pair<std::size_t, std::error_code>> failed;
     co_await announce(u, notice_kind::begin, failed, true);
-    if (failed)
-      fail(u, failed->second, "begin of version " + std::to_string(version) + ": receiver " +
-                                  std::to_string(failed->first) + ": " + failed->second.message());
+    if (failed) fail(u, failed->second, notice_failure(notice_kind::begin, version, *failed));
 
     std::size_t started = 0;
     for (std::size_t b = 0; b < plan_.buckets().size() && u.stop == stop_kind::none; ++b) {
@@ -534,8 +613,7 @@ private:
     if (failed) {
       std::string holders;
       for (auto r : u.report.committed) holders += (holders.empty() ? "" : ", ") + std::to_string(r);
-      throw error(failed->second, "commit of version " + std::to_string(version) + ": receiver " +
-                                      std::to_string(failed->first) + ": " + failed->second.message() +
+      throw error(failed->second, notice_failure(notice_kind::commit, version, *failed) +
                                       " (acknowledged by: " + (holders.empty() ? "none" : holders) + ")");
     }
     co_return std::move(u.report);

@@ -1,6 +1,7 @@
 // shardline/weights_receiver.hpp: the rollout side. Exposes the parameters one receiver
-// holds (laid out in one arena, or the inference engine's own tensors), announces a version
-// only once every sender that writes here committed it, and says when memory is dirty.
+// holds (laid out in one arena, or the inference engine's own tensors, or a shadow copy of
+// either), announces a version only once every sender that writes here committed it, and says
+// when memory is dirty.
 #pragma once
 
 #include <shardline/error.hpp>
@@ -19,7 +20,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <map>
+#include <memory>
+#include <new>
 #include <optional>
 #include <span>
 #include <string>
@@ -40,18 +44,38 @@ struct engine_tensor {
   memory_location location{};
 };
 
+/// How a weights_receiver holds what its senders write.
+struct receiver_options {
+  /// Where each parameter starts in an arena the receiver lays out (its parameters in layout
+  /// mode, the shadow in adopt mode): a multiple of this power of two.
+  std::size_t alignment = 256;
+  /// Senders write into a shadow: arenas the receiver allocates through its endpoint, laid
+  /// out like the live parameters and exposed instead of them. When a version commits, every
+  /// parameter is copied shadow -> live before the version is announced, so live memory is
+  /// never half-written. Costs twice the memory and one local copy of every byte per version.
+  /// Host memory only (memcpy); the device copy for cuda_device tensors comes with the CUDA part.
+  bool shadow = false;
+};
+
 /// Whether the receiver's memory holds one whole version.
 struct memory_state {
   using clock = std::chrono::steady_clock;
-  bool dirty = false;                    ///< some bytes may be of a version that did not commit
+  bool dirty = false;                    ///< some live bytes may be of a version that did not commit
   std::optional<std::uint32_t> committed;  ///< the last version whose every byte landed
   std::uint32_t target = 0;              ///< dirty: the version the memory was moving to
   clock::time_point since{};             ///< dirty: when the first sender began it
   std::string reason;                    ///< dirty: why, e.g. "sender 2 disconnected while writing version 5"
+  /// Shadow mode only: the shadow holds part of a version that did not commit. Live memory
+  /// then stays clean (`dirty` is false) and still holds `committed`; target, since and reason
+  /// describe the shadow.
+  bool shadow_dirty = false;
 };
 
-/// Owns the layout, never the bytes: either the transport receiver's single arena
-/// (allocated, mapped or registered once for all parameters) or the engine's tensors.
+/// Owns the layout, never the bytes senders write: either the transport receiver's single
+/// arena (allocated, mapped or registered once for all parameters) or the engine's tensors.
+/// With receiver_options::shadow, senders write into one shadow arena the transport
+/// allocates; the live bytes (the engine's tensors, or in layout mode a buffer this object
+/// owns) are never exposed and change only when a version commits.
 ///
 /// Thread safety: use from the receiver's executor.
 template <transport_receiver Receiver>
@@ -62,8 +86,13 @@ public:
   /// (errc::invalid_argument) naming a parameter given twice.
   weights_receiver(Receiver& endpoint, std::vector<parameter_descriptor> parameters,
                    std::size_t alignment = 256)
-      : endpoint_(endpoint), parameters_(std::move(parameters)), quorum_{0} {
-    lay_out(alignment);
+      : weights_receiver(endpoint, std::move(parameters), receiver_options{alignment}) {}
+
+  /// The same, with options (a shadow copy: see receiver_options). Also throws
+  /// errc::invalid_argument for an alignment that is not a power of two.
+  weights_receiver(Receiver& endpoint, std::vector<parameter_descriptor> parameters, receiver_options options)
+      : endpoint_(endpoint), parameters_(std::move(parameters)), quorum_{0}, shadow_(options.shadow) {
+    lay_out(options.alignment);
     endpoint_.admit({1, 0});
   }
 
@@ -73,9 +102,13 @@ public:
   /// throws.
   weights_receiver(Receiver& endpoint, const transfer_plan& plan, std::size_t receiver,
                    std::size_t alignment = 256)
+      : weights_receiver(endpoint, plan, receiver, receiver_options{alignment}) {}
+
+  /// The same, with options (a shadow copy: see receiver_options).
+  weights_receiver(Receiver& endpoint, const transfer_plan& plan, std::size_t receiver, receiver_options options)
       : endpoint_(endpoint), parameters_(plan.receiver_parameters(receiver)),
-        quorum_(plan.receiver_senders(receiver)) {
-    lay_out(alignment);
+        quorum_(plan.receiver_senders(receiver)), shadow_(options.shadow) {
+    lay_out(options.alignment);
     endpoint_.admit({static_cast<std::uint32_t>(plan.senders()), plan.fingerprint()});
   }
 
@@ -87,15 +120,21 @@ public:
   /// errc::unknown_parameter for a planned parameter missing from `tensors`;
   /// errc::layout_mismatch for another dtype or shape than the plan's; what the transport's
   /// expose() throws (e.g. errc::unsupported_memory where it cannot share such memory).
+  ///
+  /// With options.shadow the transport exposes a shadow arena it allocated (laid out with
+  /// options.alignment) and never the engine's tensors, so they may be memory it cannot
+  /// share (plain memory under shm); a cuda_device tensor then throws
+  /// errc::unsupported_memory naming it (its copy at commit needs the CUDA part).
   weights_receiver(Receiver& endpoint, const transfer_plan& plan, std::size_t receiver,
-                   std::vector<engine_tensor> tensors)
+                   std::vector<engine_tensor> tensors, receiver_options options = {})
       : endpoint_(endpoint), parameters_(plan.receiver_parameters(receiver)),
-        quorum_(plan.receiver_senders(receiver)) {
-    adopt(std::move(tensors));
+        quorum_(plan.receiver_senders(receiver)), shadow_(options.shadow) {
+    adopt(std::move(tensors), options.alignment);
     endpoint_.admit({static_cast<std::uint32_t>(plan.senders()), plan.fingerprint()});
   }
 
-  /// The parameter's memory. Throws shardline::error(errc::unknown_parameter) naming it.
+  /// The parameter's live memory (with a shadow, what the last committed version left).
+  /// Throws shardline::error(errc::unknown_parameter) naming it.
   std::span<std::byte> parameter(std::string_view name) const {
     auto it = spans_.find(std::string(name));
     if (it == spans_.end())
@@ -105,19 +144,24 @@ public:
   }
 
   const std::vector<parameter_descriptor>& parameters() const noexcept { return parameters_; }
+  /// Whether senders write into a shadow copy (receiver_options::shadow).
+  bool shadowed() const noexcept { return shadow_; }
   Receiver& endpoint() noexcept { return endpoint_; }
   /// The senders whose commits announce a version here.
   const std::vector<std::uint32_t>& quorum() const noexcept { return quorum_; }
 
   /// The last version whose every byte landed, if any.
   std::optional<std::uint32_t> committed_version() const noexcept { return state_.committed; }
-  /// Clean, or dirty with the version it was moving to, since when and why.
+  /// Clean, or dirty with the version it was moving to, since when and why. With a shadow,
+  /// live memory is never dirty: shadow_dirty says a version that did not commit (or has not
+  /// yet) is partly in the shadow.
   const memory_state& state() const noexcept { return state_; }
   /// Why the last notice was refused (errc::unknown_sender, errc::stale_version), naming the sender.
   const std::string& last_refusal() const noexcept { return last_refusal_; }
 
   /// Completion void(std::error_code, std::uint32_t version). Succeeds when a version
-  /// commits: every sender of the quorum committed it, so every byte of it is here. Fails
+  /// commits: every sender of the quorum committed it, so every byte of it is here (with a
+  /// shadow: copied into live memory, on this executor, before the completion). Fails
   /// with errc::version_abandoned (and that version) when the version in progress can no
   /// longer commit: a sender of the quorum aborted it, withdrew it, or disconnected while
   /// writing it (state().reason names the sender); the next version, or a new attempt at
@@ -154,29 +198,48 @@ private:
     }
   };
 
-  void lay_out(std::size_t alignment) {
+  // Each parameter's offset in one arena, aligned; the arena's size last.
+  std::vector<std::size_t> arena_offsets(std::size_t alignment) const {
     if (alignment == 0 || (alignment & (alignment - 1)) != 0)
       throw error(make_error_code(errc::invalid_argument),
                   "weights_receiver: alignment " + std::to_string(alignment) + " is not a power of two");
-    std::vector<std::uint64_t> offsets;
-    std::uint64_t total = 0;
+    std::vector<std::size_t> offsets;
+    offsets.reserve(parameters_.size() + 1);
+    std::size_t total = 0;
     for (const auto& p : parameters_) {
       total = (total + alignment - 1) / alignment * alignment;
       offsets.push_back(total);
-      total += p.bytes();
+      total += static_cast<std::size_t>(p.bytes());
     }
-    arena_ = endpoint_.allocate(static_cast<std::size_t>(std::max<std::uint64_t>(total, 1)));
+    offsets.push_back(std::max<std::size_t>(total, 1));
+    return offsets;
+  }
+
+  void lay_out(std::size_t alignment) {
+    const auto offsets = arena_offsets(alignment);
+    const std::size_t total = offsets.back();
+    arena_ = endpoint_.allocate(total);
+    // With a shadow the live parameters have the arena's layout in memory of their own, so
+    // the commit copies them with one memcpy.
+    std::span<std::byte> live = arena_;
+    if (shadow_) {
+      const std::align_val_t aligned{std::max(alignment, alignof(std::max_align_t))};
+      live_storage_ = owned_bytes(static_cast<std::byte*>(::operator new[](total, aligned)), {aligned});
+      live = {live_storage_.get(), total};
+      std::memset(live.data(), 0, total);
+      copies_.push_back({arena_, live});
+    }
     for (std::size_t i = 0; i < parameters_.size(); ++i) {
       const auto& p = parameters_[i];
-      auto bytes = arena_.subspan(offsets[i], p.bytes());
-      if (!spans_.emplace(p.name, bytes).second)
+      if (!spans_.emplace(p.name, live.subspan(offsets[i], p.bytes())).second)
         throw error(make_error_code(errc::invalid_argument),
                     "weights_receiver: parameter '" + p.name + "' given twice");
-      endpoint_.expose({p.name, bytes, memory_location::host(), tensor_layout{p.type, p.shape}});
+      endpoint_.expose({p.name, arena_.subspan(offsets[i], p.bytes()), memory_location::host(),
+                        tensor_layout{p.type, p.shape}});
     }
   }
 
-  void adopt(std::vector<engine_tensor> tensors) {
+  void adopt(std::vector<engine_tensor> tensors, std::size_t alignment) {
     const auto fail = [](errc e, const std::string& why) {
       return error(make_error_code(e), "weights_receiver: " + why);
     };
@@ -219,6 +282,7 @@ private:
         throw fail(errc::layout_mismatch, "tensor '" + p.name + "' is " + to_string(held) + ", the plan sends " +
                                               to_string(planned));
     }
+    if (shadow_) return adopt_shadowed(tensors, by_name, alignment);
     if constexpr (requires { Receiver::destination_kinds; })
       for (const auto& p : parameters_)
         require_kind(Receiver::destination_kinds, tensors[by_name.at(p.name)].location, "the transport",
@@ -229,6 +293,40 @@ private:
       spans_.emplace(p.name, t.bytes);
     }
   }
+
+  // The engine's tensors stay unexposed; the transport shares one shadow arena laid out like
+  // them, each parameter copied to its tensor at commit.
+  void adopt_shadowed(const std::vector<engine_tensor>& tensors,
+                      const std::unordered_map<std::string, std::size_t>& by_name, std::size_t alignment) {
+    for (const auto& p : parameters_) {
+      const auto& t = tensors[by_name.at(p.name)];
+      if (t.location.kind != memory_kind::host && t.location.kind != memory_kind::host_pinned)
+        throw error(make_error_code(errc::unsupported_memory),
+                    "weights_receiver: tensor '" + p.name + "' is " + to_string(t.location) +
+                        " memory: its shadow copy needs a device copy, which comes with the CUDA part "
+                        "(the shadow copies host and host_pinned memory)");
+    }
+    const auto offsets = arena_offsets(alignment);
+    arena_ = endpoint_.allocate(offsets.back());
+    copies_.reserve(parameters_.size());
+    for (std::size_t i = 0; i < parameters_.size(); ++i) {
+      const auto& p = parameters_[i];
+      const auto& t = tensors[by_name.at(p.name)];
+      const auto shadow = arena_.subspan(offsets[i], t.bytes.size());
+      endpoint_.expose({p.name, shadow, memory_location::host(), tensor_layout{t.type, t.shape}});
+      spans_.emplace(p.name, t.bytes);
+      copies_.push_back({shadow, t.bytes});
+    }
+  }
+
+  // The committed version goes live: every shadow byte, copied in place of the last one.
+  void publish_shadow() noexcept {
+    for (const auto& c : copies_)
+      if (!c.to.empty()) std::memcpy(c.to.data(), c.from.data(), c.to.size());
+  }
+
+  // The flag of the memory senders write: live memory, or the shadow.
+  bool& written_dirty() noexcept { return shadow_ ? state_.shadow_dirty : state_.dirty; }
 
   bool in_quorum(std::uint32_t s) const noexcept {
     return std::find(quorum_.begin(), quorum_.end(), s) != quorum_.end();
@@ -268,8 +366,8 @@ private:
       abandoned_ = false;
       began_.clear();
       committed_.clear();
-      if (!state_.dirty) {
-        state_.dirty = true;
+      if (!written_dirty()) {
+        written_dirty() = true;
         state_.target = n.version;
         state_.since = memory_state::clock::now();
         state_.reason = "receiving version " + std::to_string(n.version);
@@ -290,7 +388,8 @@ private:
         committed_.push_back(n.sender);
         if (!std::all_of(quorum_.begin(), quorum_.end(), [this](std::uint32_t s) { return committed(s); }))
           return std::nullopt;
-        state_ = {false, n.version, 0, {}, {}};
+        if (shadow_) publish_shadow();
+        state_ = {false, n.version, 0, {}, {}, false};
         active_ = false;
         return std::pair{std::error_code{}, n.version};
       case notice_kind::abort:
@@ -303,7 +402,7 @@ private:
         const bool was_abandoned = abandoned_;
         abandon(who + " withdrew" + about + " before writing any of it");
         if (began_.empty() && clean_before_) {
-          state_.dirty = false;
+          written_dirty() = false;
           state_.reason.clear();
           active_ = false;
         }
@@ -319,11 +418,25 @@ private:
     return std::find(committed_.begin(), committed_.end(), s) != committed_.end();
   }
 
+  struct aligned_delete {
+    std::align_val_t alignment;
+    void operator()(std::byte* p) const noexcept { ::operator delete[](p, alignment); }
+  };
+  using owned_bytes = std::unique_ptr<std::byte[], aligned_delete>;
+  // One shadow -> live copy at commit: the whole arena in layout mode, a tensor in adopt mode.
+  struct shadow_copy {
+    std::span<const std::byte> from;
+    std::span<std::byte> to;
+  };
+
   Receiver& endpoint_;
   std::vector<parameter_descriptor> parameters_;
   std::vector<std::uint32_t> quorum_;
-  std::span<std::byte> arena_;
-  std::unordered_map<std::string, std::span<std::byte>> spans_;
+  bool shadow_ = false;
+  std::span<std::byte> arena_;  // what the transport exposes: the parameters, or their shadow
+  owned_bytes live_storage_{nullptr, {std::align_val_t{alignof(std::max_align_t)}}};  // layout mode + shadow
+  std::vector<shadow_copy> copies_;
+  std::unordered_map<std::string, std::span<std::byte>> spans_;  // live bytes, by name
   memory_state state_;
   std::string last_refusal_;
   // The version in progress: who began it, who committed it, whether it can still commit.

@@ -13,6 +13,7 @@
 
 #include <doctest/doctest.h>
 
+#include "../support/checks.hpp"
 #include "../support/shard_pattern.hpp"
 
 #include <chrono>
@@ -584,6 +585,82 @@ TEST_CASE("pipeline: the commit is acknowledged; a receiver gone after the last 
   CHECK(pipeline.last_report().committed == std::vector<std::size_t>{0});
 }
 
+TEST_CASE("pipeline: a receiver that never acknowledges the commit fails the update with ack_timeout, naming it") {
+  sl::plan_options options;
+  options.replicas = 2;
+  cluster c(options);
+  // Receiver 1 is alive but never reads its notices: its queue holds one, the begin fills it,
+  // and the commit is never acknowledged.
+  sl::loopback_transport::receiver stuck(c.io.get_executor(), 1);
+  sl::weights_receiver<sl::loopback_transport::receiver> held(stuck, c.plan, 1);
+  auto link = c.transport.connect(stuck, {0, c.plan.fingerprint()});
+  sl::pipeline_options short_wait;
+  short_wait.ack_timeout = 50ms;
+  pipeline_type pipeline(c.transport, c.plan, {&c.connections[0], &link}, short_wait);
+  c.watch_commits();
+  const auto e = update_error(c, pipeline, 3, fill);
+  check_error(e, sl::errc::ack_timeout,
+              {"receiver 1 did not acknowledge the commit of version 3 within 50 ms", "acknowledged by: 0"});
+  try {
+    std::rethrow_exception(e);
+  } catch (const sl::error& err) {
+    sl::testing::check_text(err.what(), "peer did not acknowledge in time", {"receiver 1"});
+  }
+  CHECK(pipeline.last_report().committed == std::vector<std::size_t>{0});
+  c.io.run_for(10ms);
+  CHECK(c.seen[0] == std::optional<std::uint32_t>(3));  // receiver 0 acknowledged and announced it
+  c.watch(0);
+
+  // The next version: receiver 1 still reads nothing, so its begin times out; the others
+  // get a withdraw (nothing was written) and the pipeline stays usable.
+  check_error(update_error(c, pipeline, 4, fill), sl::errc::ack_timeout,
+              {"receiver 1 did not acknowledge the begin of version 4 within 50 ms"});
+  CHECK(pipeline.last_report().committed.empty());
+  CHECK(pipeline.last_report().wire_bytes == 0);
+  c.io.run_for(10ms);
+  CHECK(c.abandoned[0] == std::vector<std::uint32_t>{4});
+  pipeline.drop_receiver(1);
+  auto f = pipeline.async_update(5, fill, asio::use_future);
+  CHECK(drive(c.io, f).committed == std::vector<std::size_t>{0});
+}
+
+TEST_CASE("pipeline: a receiver that never acknowledges the begin fails the update before any write") {
+  sl::plan_options options;
+  options.replicas = 2;
+  cluster c(options);
+  sl::loopback_transport::receiver silent(c.io.get_executor(), 0);  // no room: nothing is ever acknowledged
+  sl::weights_receiver<sl::loopback_transport::receiver> held(silent, c.plan, 1);
+  auto link = c.transport.connect(silent, {0, c.plan.fingerprint()});
+  sl::pipeline_options short_wait;
+  short_wait.ack_timeout = 1s;
+  pipeline_type pipeline(c.transport, c.plan, {&c.connections[0], &link}, short_wait);
+  c.watch_commits();
+  check_error(update_error(c, pipeline, 1, fill), sl::errc::ack_timeout,
+              {"receiver 1 did not acknowledge the begin of version 1 within 1 s"});
+  CHECK(pipeline.last_report().wire_bytes == 0);
+  c.io.run_for(10ms);
+  CHECK(!c.seen[0].has_value());
+  CHECK(c.abandoned[0] == std::vector<std::uint32_t>{1});  // receiver 0 got the withdraw
+  CHECK(!c.weights[0]->state().dirty);
+}
+
+TEST_CASE("pipeline: an ack_timeout that is not positive is refused, naming it") {
+  cluster c;
+  for (auto bad : {0ms, -5ms}) {
+    sl::pipeline_options options;
+    options.ack_timeout = bad;
+    CAPTURE(bad.count());
+    const std::string said = "ack_timeout is " + std::to_string(bad.count()) + " ms: it must be positive";
+    sl::testing::check_throws([&] { pipeline_type refused(c.transport, c.plan, c.links(), options); },
+                              sl::errc::invalid_argument, {said});
+  }
+  sl::pipeline_options unbounded;
+  unbounded.ack_timeout = std::chrono::milliseconds::max();
+  pipeline_type pipeline(c.transport, c.plan, c.links(), unbounded);
+  auto f = pipeline.async_update(1, fill, asio::use_future);
+  CHECK(drive(c.io, f).committed == std::vector<std::size_t>{0});
+}
+
 TEST_CASE("pipeline: membership: drop a dead receiver and go on; attach a new one and it gets the next version whole") {
   sl::plan_options options;
   options.replicas = 2;
@@ -676,6 +753,8 @@ TEST_CASE("pipeline: several senders, each writing its own shards straight into 
   };
   cluster c(options);
   c.watch_commits();
+  // Each sender connects below; the cluster's own sender-0 links would hold that id.
+  for (auto& link : c.connections) link.close();
   std::vector<sl::transfer_plan> parts;
   std::vector<std::vector<sl::loopback_transport::connection>> links(3);
   std::vector<std::unique_ptr<pipeline_type>> senders;
