@@ -124,6 +124,7 @@ TEST_CASE_TEMPLATE_APPLY(notice_after_write, conforming_transports);
 TEST_CASE_TEMPLATE_APPLY(notice_order, conforming_transports);
 TEST_CASE_TEMPLATE_APPLY(batch_validation, conforming_transports);
 TEST_CASE_TEMPLATE_APPLY(cancelled_write, conforming_transports);
+TEST_CASE_TEMPLATE_APPLY(cancelled_notice, conforming_transports);
 TEST_CASE_TEMPLATE_APPLY(close_later, conforming_transports);
 TEST_CASE_TEMPLATE_APPLY(close_pending, conforming_transports);
 TEST_CASE_TEMPLATE_APPLY(peer_death, conforming_transports);

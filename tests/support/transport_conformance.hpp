@@ -349,6 +349,40 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: a write cancelled before it ru
   CHECK(holds_pattern(arena.subspan(4096), 3));
 }
 
+TEST_CASE_TEMPLATE_DEFINE("transport conformance: a notice cancelled while unacknowledged completes with operation_aborted, and the connection goes on",
+                          F, cancelled_notice) {
+  if (!F::usable()) return;
+  F f;
+  asio::cancellation_signal signal;  // outlives the connection, see the cancellation case
+  auto ep = f.make_endpoint(0);      // nobody takes the notice yet: it waits unacknowledged
+  ep.rx.expose("w", ep.rx.allocate(4096));
+  auto conn = connect_ok(f, ep, {8, 0});
+  op_outcome cancelled;
+  conn.async_notify(sl::notice_kind::commit, 1, asio::bind_cancellation_slot(signal.slot(), cancelled.handler()));
+  settle(f.io);
+  REQUIRE_FALSE(cancelled.ready());
+  signal.emit(asio::cancellation_type::terminal);
+  REQUIRE(drive(f.io, [&] { return cancelled.ready(); }));
+  CHECK(cancelled.code() == asio::error::operation_aborted);
+  CHECK(conn.is_open());
+
+  // The next notice is delivered and acknowledged. The cancelled one may have left already
+  // (a transport that had written it to its control channel): then it arrives first, intact.
+  op_outcome next;
+  conn.async_notify(sl::notice_kind::commit, 2, next.handler());
+  auto e = next_notice(f, ep);
+  REQUIRE(e);
+  CHECK(e->ec == success);
+  if (e->n == sl::notice{8, sl::notice_kind::commit, 1}) {
+    e = next_notice(f, ep);
+    REQUIRE(e);
+    CHECK(e->ec == success);
+  }
+  CHECK(e->n == sl::notice{8, sl::notice_kind::commit, 2});
+  REQUIRE(drive(f.io, [&] { return next.ready(); }));
+  CHECK(next.code() == success);
+}
+
 TEST_CASE_TEMPLATE_DEFINE("transport conformance: after close() writes and notices fail with not_connected; the receiver sees the sender leave",
                           F, close_later) {
   if (!F::usable()) return;
@@ -651,5 +685,5 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: memory kinds outside source_ki
 }  // namespace conformance
 
 // Case ids, for TEST_CASE_TEMPLATE_APPLY inside namespace conformance: notice_after_write, notice_order, batch_validation,
-// cancelled_write, close_later, close_pending, peer_death, reuse_after_failure,
+// cancelled_write, cancelled_notice, close_later, close_pending, peer_death, reuse_after_failure,
 // expose_refusals, several_senders, memory_kinds.

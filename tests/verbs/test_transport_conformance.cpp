@@ -74,6 +74,7 @@ TEST_CASE_TEMPLATE_APPLY(notice_after_write, verbs_transports);
 TEST_CASE_TEMPLATE_APPLY(notice_order, verbs_transports);
 TEST_CASE_TEMPLATE_APPLY(batch_validation, verbs_transports);
 TEST_CASE_TEMPLATE_APPLY(cancelled_write, verbs_transports);
+TEST_CASE_TEMPLATE_APPLY(cancelled_notice, verbs_transports);
 TEST_CASE_TEMPLATE_APPLY(close_later, verbs_transports);
 TEST_CASE_TEMPLATE_APPLY(close_pending, verbs_transports);
 TEST_CASE_TEMPLATE_APPLY(peer_death, verbs_transports);

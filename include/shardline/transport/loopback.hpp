@@ -211,15 +211,26 @@ public:
               return detail::post_completion(executor_, std::move(handler),
                                              make_error_code(errc::peer_disconnected));
             auto pending = link_->notices.emplace(link_->notices.end());
+            // The caller's own cancellation (any type) withdraws a notice still waiting for
+            // room: the receiver never sees it, as with shm and verbs. A queued one is sent.
+            auto caller_slot = asio::get_associated_cancellation_slot(handler);
+            if (caller_slot.is_connected())
+              caller_slot.assign([pending](asio::cancellation_type type) {
+                if (type == asio::cancellation_type::none) return;
+                pending->withdrawn = true;
+                pending->signal.emit(asio::cancellation_type::terminal);
+              });
             peer_->notices.async_send(
                 std::error_code{}, notice{who_.sender, kind, version},
                 asio::bind_cancellation_slot(
-                    pending->slot(),
-                    [handler = std::move(handler), executor = executor_, link = link_, pending](
-                        std::error_code ec) mutable {
+                    pending->signal.slot(),
+                    [handler = std::move(handler), executor = executor_, link = link_, pending,
+                     caller_slot](std::error_code ec) mutable {
+                      if (caller_slot.is_connected()) caller_slot.clear();
+                      if (ec)
+                        ec = link->closed || pending->withdrawn ? std::error_code(asio::error::operation_aborted)
+                                                                : make_error_code(errc::peer_disconnected);
                       link->notices.erase(pending);
-                      if (ec) ec = link->closed ? std::error_code(asio::error::operation_aborted)
-                                                : make_error_code(errc::peer_disconnected);
                       detail::post_completion(executor, std::move(handler), ec);
                     }));
           },
@@ -233,7 +244,7 @@ public:
       link_->closed = true;
       if (peer_) peer_->connected.erase(who_.sender);  // the id may connect again
       // Pending operations complete with an error (operation_aborted), as the concept says.
-      for (auto& pending : link_->notices) pending.emit(asio::cancellation_type::terminal);
+      for (auto& pending : link_->notices) pending.signal.emit(asio::cancellation_type::terminal);
       // async_send, not try_send: a full queue must not lose the leave (it waits its turn).
       if (peer_ && peer_->open)
         peer_->notices.async_send(make_error_code(errc::peer_disconnected),
@@ -261,9 +272,13 @@ public:
 
     // What outlives a moved-from connection and its delayed writes: whether it was closed, and
     // the cancellation of each notice still waiting for room.
+    struct pending_notice {
+      asio::cancellation_signal signal;  // stops the wait for room in the receiver's queue
+      bool withdrawn = false;            // by the caller's cancellation, not by close()
+    };
     struct link_state {
       bool closed = false;
-      std::list<asio::cancellation_signal> notices;
+      std::list<pending_notice> notices;
     };
 
     // One post, through post_completion: a handler on this executor (a coroutine typed on it)
