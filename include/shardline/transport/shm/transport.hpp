@@ -5,11 +5,15 @@
 
 #include <shardline/detail/codec.hpp>
 #include <shardline/detail/completion.hpp>
-#include <shardline/transport/detail/control.hpp>
-#include <shardline/transport/shm/detail/handles.hpp>
 #include <shardline/error.hpp>
 #include <shardline/memory.hpp>
 #include <shardline/transport/concepts.hpp>
+#include <shardline/transport/detail/control.hpp>
+#include <shardline/transport/detail/control_link.hpp>
+#include <shardline/transport/detail/erased_op.hpp>
+#include <shardline/transport/detail/expose.hpp>
+#include <shardline/transport/detail/handshake.hpp>
+#include <shardline/transport/shm/detail/handles.hpp>
 
 #include <asio/any_io_executor.hpp>
 #include <asio/associated_allocator.hpp>
@@ -18,16 +22,14 @@
 #include <asio/async_result.hpp>
 #include <asio/basic_socket_acceptor.hpp>
 #include <asio/basic_stream_socket.hpp>
-#include <asio/basic_waitable_timer.hpp>
 #include <asio/buffer.hpp>
 #include <asio/cancellation_type.hpp>
+#include <asio/compose.hpp>
 #include <asio/error.hpp>
-#include <asio/executor_work_guard.hpp>
 #include <asio/experimental/channel.hpp>
 #include <asio/local/stream_protocol.hpp>
 #include <asio/post.hpp>
 #include <asio/read.hpp>
-#include <asio/recycling_allocator.hpp>
 #include <asio/thread_pool.hpp>
 #include <asio/write.hpp>
 
@@ -95,13 +97,6 @@ inline std::error_code shm_system_error(std::error_code ec) noexcept {
   return ec;
 }
 
-// During a handshake every way of seeing the peer go means the same thing to the caller.
-inline std::error_code shm_handshake_error(std::error_code ec) noexcept {
-  ec = shm_system_error(ec);
-  if (ec == asio::error::eof || ec == std::errc::connection_reset || ec == std::errc::broken_pipe)
-    return make_error_code(errc::peer_disconnected);
-  return ec;
-}
 }  // namespace detail
 
 /// Shared-memory transport between processes of one host: one receiver, any number of
@@ -115,8 +110,6 @@ template <class Executor = asio::any_io_executor>
 class basic_shm_transport {
   using socket_type = asio::basic_stream_socket<asio::local::stream_protocol, Executor>;
   using acceptor_type = asio::basic_socket_acceptor<asio::local::stream_protocol, Executor>;
-  using timer_type = asio::basic_waitable_timer<std::chrono::steady_clock,
-                                                asio::wait_traits<std::chrono::steady_clock>, Executor>;
   using notice_channel = asio::experimental::channel<Executor, void(std::error_code, notice)>;
 
   static std::error_code path_error(const std::string& path) {
@@ -125,93 +118,25 @@ class basic_shm_transport {
     return {};
   }
 
-  // ---- operations -------------------------------------------------------------------
-
-  // What the untemplated code sees of an operation. complete() consumes it.
-  template <class... Args>
-  struct completion_base {
-    virtual void complete(Args... args) = 0;
-    virtual void destroy() noexcept = 0;  // drops the handler uncalled (its owner is going away)
-
-  protected:
-    ~completion_base() = default;
-  };
-
-  template <class Base>
-  struct op_deleter {
-    void operator()(Base* op) const noexcept { op->destroy(); }
-  };
-  template <class Base>
-  using op_ptr = std::unique_ptr<Base, op_deleter<Base>>;
-
-  // An operation's state and its handler in one block, allocated with the handler's
-  // associated allocator (Asio's recycling one by default) and freed before the upcall, as
-  // Asio's own handlers are (wait_handler::do_complete): the next operation the handler
-  // starts can reuse the memory. Created and destroyed on the io thread only.
-  template <class Base, class Handler, class... Args>
-  class handler_op final : public Base {
-    using handler_executor = asio::associated_executor_t<Handler, Executor>;
-    using allocator_type = typename std::allocator_traits<asio::associated_allocator_t<
-        Handler, asio::recycling_allocator<void>>>::template rebind_alloc<handler_op>;
-    using allocator_traits = std::allocator_traits<allocator_type>;
-
-  public:
-    static op_ptr<Base> create(Handler&& h, const Executor& io) {
-      allocator_type alloc(asio::get_associated_allocator(h, asio::recycling_allocator<void>()));
-      handler_op* p = allocator_traits::allocate(alloc, 1);
-      try {
-        return op_ptr<Base>(new (p) handler_op(std::move(h), io, alloc));
-      } catch (...) {
-        allocator_traits::deallocate(alloc, p, 1);
-        throw;
-      }
-    }
-
-    void complete(Args... args) override {
-      auto slot = asio::get_associated_cancellation_slot(handler_);
-      if (slot.is_connected()) slot.clear();
-      Handler handler(std::move(handler_));
-      // The guards outlive the op until post() holds the work itself.
-      auto handler_work = std::move(handler_work_);
-      auto io_work = std::move(io_work_);
-      const Executor io = io_executor_;
-      destroy();
-      detail::post_completion(io, std::move(handler), std::move(args)...);
-    }
-
-    void destroy() noexcept override {
-      allocator_type a(alloc_);
-      this->~handler_op();
-      allocator_traits::deallocate(a, this, 1);
-    }
-
-  private:
-    handler_op(Handler&& h, const Executor& io, const allocator_type& a)
-        : alloc_(a), io_executor_(io),
-          handler_work_(asio::make_work_guard(asio::get_associated_executor(h, io))),
-          io_work_(asio::make_work_guard(io)), handler_(std::move(h)) {}
-
-    allocator_type alloc_;
-    Executor io_executor_;
-    decltype(asio::make_work_guard(std::declval<handler_executor&>())) handler_work_;
-    decltype(asio::make_work_guard(std::declval<Executor&>())) io_work_;
-    Handler handler_;
-  };
-
   // ---- receiver side ------------------------------------------------------------------
 
-  struct accept_state;
-
   // One admitted sender's socket, read for notices until it ends.
-  struct peer_state {
-    peer_state(socket_type s, std::uint32_t id) : socket(std::move(s)), sender(id) {}
-    socket_type socket;
-    std::uint32_t sender;
-    detail::notice_frame incoming{};
+  struct peer_state : detail::notice_source<socket_type> {
+    peer_state(socket_type s, std::uint32_t id) : detail::notice_source<socket_type>(std::move(s)) {
+      this->sender = id;
+    }
     bool gone = false;
   };
 
-  struct receiver_state {
+  // A handshake in progress: its socket and what is written from it, shared with the
+  // socket operations.
+  struct accept_state {
+    explicit accept_state(const Executor& ex) : socket(ex) {}
+    socket_type socket;
+    std::string payload;
+  };
+
+  struct receiver_state : std::enable_shared_from_this<receiver_state> {
     receiver_state(const Executor& ex, std::string p, shm_options o)
         : executor(ex), path(std::move(p)), options(o), acceptor(ex), notices(ex, o.notice_depth) {}
     struct arena {
@@ -247,150 +172,116 @@ class basic_shm_transport {
                  ? static_cast<std::ptrdiff_t>(it->second)
                  : -1;
     }
+
+    // ---- what detail::serve_notices asks of its listener
+
+    bool serving(const peer_state& p) const noexcept { return !p.gone && !closed; }
+
+    // The ack goes out once the notice is queued here, so the sender's success means this
+    // process holds it. With room in the queue that is now, within this handler: a receiver
+    // that exits right after taking its last notice has acknowledged it.
+    bool notice_arrived(const std::shared_ptr<peer_state>& p, notice n) {
+      if (notices.try_send(std::error_code{}, n)) return true;
+      notices.async_send(std::error_code{}, n, [w = this->weak_from_this(), p](std::error_code ec) {
+        auto s = w.lock();
+        if (ec || !s || !s->serving(*p)) return;
+        detail::acknowledge_notice(std::weak_ptr<receiver_state>(s), p);
+      });
+      return false;
+    }
+
+    void sender_left(const std::shared_ptr<peer_state>& p, std::error_code why) {
+      if (p->gone) return;
+      p->gone = true;
+      std::error_code ignored;
+      p->socket.close(ignored);
+      if (auto it = peers.find(p->sender); it != peers.end() && it->second == p) peers.erase(it);
+      // async_send, not try_send: a full queue must delay the departure, never lose it.
+      if (!closed) notices.async_send(why, notice{p->sender, notice_kind::abort, 0}, [](std::error_code) {});
+    }
   };
 
-  static void retire(const std::shared_ptr<receiver_state>& s, const std::shared_ptr<peer_state>& p,
-                     std::error_code why) {
-    if (p->gone) return;
-    p->gone = true;
-    std::error_code ignored;
-    p->socket.close(ignored);
-    if (auto it = s->peers.find(p->sender); it != s->peers.end() && it->second == p) s->peers.erase(it);
-    // async_send, not try_send: a full queue must delay the departure, never lose it.
-    if (!s->closed)
-      s->notices.async_send(why, notice{p->sender, notice_kind::abort, 0}, [](std::error_code) {});
-  }
-
-  static void read_notice(std::shared_ptr<receiver_state> s, std::shared_ptr<peer_state> p) {
-    auto& peer = *p;
-    asio::async_read(
-        peer.socket, asio::buffer(peer.incoming),
-        [s = std::move(s), p = std::move(p)](std::error_code ec, std::size_t) mutable {
-          if (p->gone || s->closed) return;
-          if (ec) return retire(s, p, make_error_code(errc::peer_disconnected));
-          notice n;
-          if (detail::decode_notice(p->incoming, p->sender, n))
-            return retire(s, p, make_error_code(errc::protocol_error));
-          // The ack goes out once the notice is queued here, so the sender's success means
-          // this process holds it. With room in the queue that is now, within this handler:
-          // a receiver that exits right after taking its last notice has acknowledged it.
-          if (s->notices.try_send(std::error_code{}, n)) return acknowledge(std::move(s), std::move(p));
-          auto& channel = s->notices;
-          channel.async_send(std::error_code{}, n, [s = std::move(s), p = std::move(p)](std::error_code ec) mutable {
-            if (ec || p->gone || s->closed) return;
-            acknowledge(std::move(s), std::move(p));
-          });
-        });
-  }
-
-  static void acknowledge(std::shared_ptr<receiver_state> s, std::shared_ptr<peer_state> p) {
-    auto& peer = *p;
-    asio::async_write(peer.socket, asio::buffer(peer.incoming),
-                      [s = std::move(s), p = std::move(p)](std::error_code ec, std::size_t) mutable {
-                        if (p->gone || s->closed) return;
-                        if (ec) return retire(s, p, make_error_code(errc::peer_disconnected));
-                        read_notice(std::move(s), std::move(p));
-                      });
-  }
-
-  using accept_completion = completion_base<std::error_code, std::uint32_t>;
-
-  // A handshake runs once per connection; its sockets and buffers are shared with the socket
-  // operations, so the op (the handler) can go the moment the result is known.
-  struct accept_state {
-    explicit accept_state(std::shared_ptr<receiver_state> r)
-        : receiver(std::move(r)), socket(receiver->executor), timer(receiver->executor) {}
+  // What the shm receiver adds to the shared handshake: whom it admits, and, for an
+  // admitted sender, the arenas' descriptors and the region table.
+  struct accept_hooks {
     std::shared_ptr<receiver_state> receiver;
-    op_ptr<accept_completion> op;  // empty once completed
-    socket_type socket;
-    timer_type timer;
-    detail::hello_frame hello{};
-    sender_identity who;
-    std::string payload;
+    std::shared_ptr<accept_state> accept;
+
+    detail::judgement judge(const sender_identity& who) const {
+      auto& s = *receiver;
+      if (auto refusal = s.admitted.check(who)) return {refusal};
+      if (auto it = s.peers.find(who.sender); it != s.peers.end()) {
+        const std::error_code taken = make_error_code(errc::invalid_argument);  // sender N is connected
+        switch (detail::probe_predecessor(it->second->socket.native_handle())) {
+          case detail::predecessor::alive: return {taken};
+          case detail::predecessor::leaving: return {taken, true};
+          case detail::predecessor::gone: s.sender_left(it->second, make_error_code(errc::peer_disconnected));
+        }
+      }
+      return {};
+    }
+
+    // The header goes out as a message of its own, carrying the memfds: a read that took the
+    // verdict and part of the header would drop the descriptors attached to it.
+    template <class Handler>
+    void operator()(socket_type& socket, const sender_identity&, Handler&& handler) const {
+      auto& s = *receiver;
+      std::vector<int> fds;
+      std::string payload;
+      for (const auto& arena : s.arenas) {
+        fds.push_back(arena.fd.get());
+        detail::put_le<std::uint64_t>(payload, reinterpret_cast<std::uintptr_t>(arena.map.data()));
+        detail::put_le<std::uint64_t>(payload, arena.map.size());
+      }
+      payload += s.table.serialize();
+      std::string header(detail::shm_magic);
+      detail::put_le<std::uint32_t>(header, static_cast<std::uint32_t>(fds.size()));
+      detail::put_le<std::uint64_t>(header, payload.size());
+      if (auto e = detail::send_with_fds(socket.native_handle(), std::as_bytes(std::span(header)), fds))
+        return std::forward<Handler>(handler)(e, std::size_t{0});
+      accept->payload = std::move(payload);
+      asio::async_write(socket, asio::buffer(accept->payload), std::forward<Handler>(handler));
+    }
   };
 
-  static void accept_finish(const std::shared_ptr<accept_state>& a, std::error_code ec,
-                            std::uint32_t sender = 0) {
-    auto op = std::move(a->op);
-    if (!op) return;
-    auto& s = *a->receiver;
-    std::error_code ignored;
-    if (s.accepting.lock() == a) {
-      s.accepting.reset();
-      s.acceptor.cancel(ignored);  // a pending accept would take a sender and drop it
+  struct accept_op {
+    std::shared_ptr<receiver_state> receiver;
+    std::shared_ptr<accept_state> accept;
+    std::error_code refused;  // before any handshake: completed through a post
+
+    template <class Self>
+    void operator()(Self& self) {
+      auto& s = *receiver;
+      if (refused) return self.complete(refused, 0u);
+      if (s.closed) refused = make_error_code(errc::not_connected);
+      else if (!s.accepting.expired()) refused = make_error_code(errc::invalid_argument);
+      if (refused) return asio::post(s.executor, std::move(self));
+      self.reset_cancellation_state(asio::enable_total_cancellation());
+      accept = std::make_shared<accept_state>(s.executor);
+      s.accepting = accept;
+      detail::async_handshake_as_receiver(s.acceptor, std::shared_ptr<socket_type>(accept, &accept->socket),
+                                          detail::shm_magic, s.options.connect_timeout,
+                                          accept_hooks{receiver, accept}, std::move(self));
     }
-    a->socket.close(ignored);  // a refused peer reads its verdict, then end of file
-    a->timer.cancel();
-    op.release()->complete(detail::shm_system_error(ec), sender);
-  }
 
-  static void accept_start(std::shared_ptr<accept_state> a) {
-    auto& s = *a->receiver;
-    if (s.closed) return accept_finish(a, make_error_code(errc::not_connected));
-    if (!s.accepting.expired()) return accept_finish(a, make_error_code(errc::invalid_argument));
-    s.accepting = a;
-    auto& socket = a->socket;
-    s.acceptor.async_accept(socket, [a = std::move(a)](std::error_code ec) mutable {
-      if (!a->op) return;
-      if (ec) return accept_finish(a, ec);
-      a->timer.expires_after(a->receiver->options.connect_timeout);
-      a->timer.async_wait([w = std::weak_ptr<accept_state>(a)](std::error_code ec) {
-        if (auto a = w.lock(); a && !ec) accept_finish(a, std::make_error_code(std::errc::timed_out));
-      });
-      auto& st = *a;
-      asio::async_read(st.socket, asio::buffer(st.hello), [a = std::move(a)](std::error_code ec, std::size_t) mutable {
-        judge(std::move(a), ec);
-      });
-    });
-  }
-
-  static void judge(std::shared_ptr<accept_state> a, std::error_code ec) {
-    if (!a->op) return;
-    if (ec) return accept_finish(a, detail::shm_handshake_error(ec));
-    auto& s = *a->receiver;
-    std::error_code refusal = detail::decode_hello(detail::shm_magic, a->hello, a->who);
-    if (!refusal) refusal = s.admitted.check(a->who);
-    if (!refusal) {
-      if (auto it = s.peers.find(a->who.sender); it != s.peers.end()) {
-        // A restarted sender can be back before this side has read its predecessor's end.
-        if (detail::peer_hung_up(it->second->socket.native_handle()))
-          retire(a->receiver, it->second, make_error_code(errc::peer_disconnected));
-        else
-          refusal = make_error_code(errc::invalid_argument);  // sender N is already connected
+    template <class Self>
+    void operator()(Self& self, std::error_code ec, sender_identity who) {
+      auto& s = *receiver;
+      if (s.accepting.lock() == accept) {
+        s.accepting.reset();
+        std::error_code ignored;
+        s.acceptor.cancel(ignored);  // a pending accept would take a sender and drop it
       }
+      if (s.closed) ec = asio::error::operation_aborted;
+      if (!ec) {
+        auto p = std::make_shared<peer_state>(std::move(accept->socket), who.sender);
+        s.peers[who.sender] = p;
+        s.accepted = true;
+        detail::serve_notices(std::weak_ptr<receiver_state>(receiver), std::move(p));
+      }
+      self.complete(detail::shm_system_error(ec), who.sender);
     }
-    const auto verdict = detail::encode_verdict(refusal);
-    const auto sent = detail::send_with_fds(a->socket.native_handle(), verdict, {});
-    if (refusal) return accept_finish(a, refusal, a->who.sender);
-    if (sent) return accept_finish(a, detail::shm_handshake_error(sent), a->who.sender);
-
-    std::vector<int> fds;
-    std::string payload;
-    for (const auto& arena : s.arenas) {
-      fds.push_back(arena.fd.get());
-      detail::put_le<std::uint64_t>(payload, reinterpret_cast<std::uintptr_t>(arena.map.data()));
-      detail::put_le<std::uint64_t>(payload, arena.map.size());
-    }
-    payload += s.table.serialize();
-    std::string header(detail::shm_magic);
-    detail::put_le<std::uint32_t>(header, static_cast<std::uint32_t>(fds.size()));
-    detail::put_le<std::uint64_t>(header, payload.size());
-    if (auto e = detail::send_with_fds(a->socket.native_handle(), std::as_bytes(std::span(header)), fds))
-      return accept_finish(a, detail::shm_handshake_error(e), a->who.sender);
-    a->payload = std::move(payload);
-    auto& st = *a;
-    asio::async_write(st.socket, asio::buffer(st.payload), [a = std::move(a)](std::error_code ec, std::size_t) mutable {
-      if (!a->op) return;
-      const std::uint32_t id = a->who.sender;
-      if (ec) return accept_finish(a, detail::shm_handshake_error(ec), id);
-      auto& s = *a->receiver;
-      auto p = std::make_shared<peer_state>(std::move(a->socket), id);
-      s.peers[id] = p;
-      s.accepted = true;
-      read_notice(a->receiver, std::move(p));
-      accept_finish(a, {}, id);
-    });
-  }
+  };
 
   // ---- sender side --------------------------------------------------------------------
 
@@ -399,7 +290,8 @@ class basic_shm_transport {
   struct connection_state;
 
   // A write or a notice, in the connection's queue.
-  struct queued_op : completion_base<std::error_code> {
+  struct queued_op : detail::erased_op<std::error_code> {
+    using detail::erased_op<std::error_code>::erased_op;
     struct piece {
       std::byte* destination;
       const std::byte* source;
@@ -419,39 +311,42 @@ class basic_shm_transport {
   protected:
     ~queued_op() = default;
   };
-  using queued_ptr = op_ptr<queued_op>;
+  using queued_ptr = detail::op_ptr<queued_op>;
 
   static void finish(queued_ptr op, std::error_code ec) { op.release()->complete(ec); }
 
-  struct connection_state {
+  struct connection_state : std::enable_shared_from_this<connection_state> {
     struct arena {
       std::uint64_t remote = 0;
       std::uint64_t length = 0;
       detail::mapping map;
     };
-    struct expected_ack {
-      detail::notice_frame frame;
-      std::uint64_t id;  // of the notice op; gone from the queue if it was cancelled
-    };
     connection_state(const Executor& ex, std::shared_ptr<asio::thread_pool> p, shm_options o,
                      socket_type s, sender_identity w)
-        : executor(ex), pool(std::move(p)), options(o), socket(std::move(s)), who(w) {}
+        : executor(ex), pool(std::move(p)), options(o), control(std::move(s)), who(w) {}
 
     Executor executor;
     std::shared_ptr<asio::thread_pool> pool;
     shm_options options;
-    socket_type socket;
+    // Notices and their acks; tagged with the notice op's id, which is gone from the queue
+    // if the notice was cancelled.
+    detail::notice_link<socket_type, connection_state> control;
     sender_identity who;
     region_table table;
     std::vector<arena> arenas;  // indexed by a region's key
     std::deque<queued_ptr> queue;  // the front runs, the rest wait
-    std::deque<expected_ack> acks;  // notices sent, oldest first
-    std::deque<detail::notice_frame> outbox;  // frames to write, one write at a time
-    bool writing = false;
-    detail::notice_frame ack_in{};
     link_status status = link_status::open;
     std::error_code failure;  // why the link failed, for later operations
     std::uint64_t next_id = 0;
+
+    // ---- what detail::notice_link asks of its listener
+
+    void notice_acknowledged(std::uint64_t id) {
+      if (!queue.empty() && queue.front()->id == id) finish_front(this->shared_from_this(), {});
+    }
+
+    // The receiver went away (or acknowledged something else): the link fails.
+    void control_ended(std::error_code why) { shut(this->shared_from_this(), link_status::failed, why); }
 
     // Validates the whole batch before any byte moves, then cuts it into pieces.
     std::error_code translate(std::span<const write_request> batch, queued_op& op) const {
@@ -516,11 +411,7 @@ class basic_shm_transport {
     if (s->queue.empty() || s->queue.front()->started) return;
     auto& op = *s->queue.front();
     op.started = true;
-    if (op.is_notice) {
-      s->acks.push_back({op.frame, op.id});
-      s->outbox.push_back(op.frame);
-      return send_frames(s);
-    }
+    if (op.is_notice) return s->control.send(op.frame, op.id);
     if (op.pieces.empty()) {
       // Nothing to copy: still never complete inline.
       asio::post(s->executor, [owner = s]() mutable { copies_done(std::move(owner)); });
@@ -543,35 +434,6 @@ class basic_shm_transport {
     finish_front(s, s->queue.front()->abort_reason);
   }
 
-  static void send_frames(std::shared_ptr<connection_state> s) {
-    if (s->writing || s->outbox.empty()) return;
-    s->writing = true;
-    auto& st = *s;
-    asio::async_write(st.socket, asio::buffer(st.outbox.front()),
-                      [s = std::move(s)](std::error_code ec, std::size_t) mutable {
-                        s->writing = false;
-                        if (s->status != link_status::open) return;
-                        if (ec) return shut(s, link_status::failed, make_error_code(errc::peer_disconnected));
-                        s->outbox.pop_front();
-                        send_frames(std::move(s));
-                      });
-  }
-
-  // Reads acks for as long as the link is open; its end is how a dead receiver is noticed.
-  static void watch(std::shared_ptr<connection_state> s) {
-    auto& st = *s;
-    asio::async_read(st.socket, asio::buffer(st.ack_in), [s = std::move(s)](std::error_code ec, std::size_t) mutable {
-      if (s->status != link_status::open) return;
-      if (ec) return shut(s, link_status::failed, make_error_code(errc::peer_disconnected));
-      if (s->acks.empty() || s->acks.front().frame != s->ack_in)
-        return shut(s, link_status::failed, make_error_code(errc::protocol_error));
-      const auto id = s->acks.front().id;
-      s->acks.pop_front();
-      if (!s->queue.empty() && s->queue.front()->id == id) finish_front(s, {});
-      watch(std::move(s));
-    });
-  }
-
   // Close or failure: waiting ops and a notice awaiting its ack complete now; a copying
   // write after its memcpy.
   static void shut(const std::shared_ptr<connection_state>& s, link_status why, std::error_code failure = {}) {
@@ -582,8 +444,7 @@ class basic_shm_transport {
     } else if (why == link_status::closed) {
       s->status = why;
     }
-    std::error_code ignored;
-    s->socket.close(ignored);
+    s->control.close();
     std::vector<queued_ptr> ended;  // newest first
     while (!s->queue.empty() && !s->queue.back()->started) {
       ended.push_back(std::move(s->queue.back()));
@@ -606,7 +467,7 @@ class basic_shm_transport {
     for (auto it = s->queue.begin(); it != s->queue.end(); ++it)
       if ((*it)->id == id) {
         if ((*it)->started && !(*it)->is_notice) return;  // mid-copy: it finishes
-        // A notice already sent stays sent; watch() drops its ack when it comes.
+        // A notice already sent stays sent; its ack, when it comes, finds no op.
         const bool front = it == s->queue.begin();
         auto op = std::move(*it);
         s->queue.erase(it);
@@ -723,24 +584,20 @@ public:
     /// given twice, an overlap with an exposed region, or once a sender has connected.
     void expose(exposure e) {
       auto& s = *state_;
-      const auto region = "region '" + e.name + "'";
-      require_kind(destination_kinds, e.location, "the shm transport", "shm receiver: " + region);
-      const auto arena = s.arena_of(e.bytes);
-      if (arena < 0)
-        throw error(make_error_code(errc::unsupported_memory),
-                    "shm receiver: " + region +
-                        " is not inside an arena this receiver allocated: the shm transport can "
-                        "share only its own memfd arenas (allocate() them, or use "
-                        "weights_receiver's layout mode)");
-      if (s.accepted)
-        throw error(make_error_code(errc::invalid_argument),
-                    "shm receiver: " + region + " exposed after a sender connected");
-      try {
-        s.table.add({std::move(e.name), reinterpret_cast<std::uintptr_t>(e.bytes.data()), e.bytes.size(),
-                     static_cast<std::uint32_t>(arena), e.location, std::move(e.layout)});
-      } catch (const error& x) {
-        throw error(x.code(), "shm receiver: " + std::string(x.what()));
-      }
+      static constexpr detail::exposer who{"shm receiver", "the shm transport", destination_kinds};
+      // A region's key is the index of the arena holding it.
+      detail::expose_region(s.table, std::move(e), who, [&](const exposure& x) {
+        const auto arena = s.arena_of(x.bytes);
+        if (arena < 0)
+          throw error(make_error_code(errc::unsupported_memory),
+                      who.region(x.name) +
+                          " is not inside an arena this receiver allocated: the shm transport can "
+                          "share only its own memfd arenas (allocate() them, or use "
+                          "weights_receiver's layout mode)");
+        if (s.accepted)
+          throw error(make_error_code(errc::invalid_argument), who.region(x.name) + " exposed after a sender connected");
+        return static_cast<std::uint32_t>(arena);
+      });
     }
 
     /// expose({name, bytes}): a host byte region without a layout.
@@ -763,8 +620,8 @@ public:
     /// listening, call again): errc::protocol_error (not a shardline hello),
     /// errc::protocol_version_mismatch (another control protocol version), errc::unknown_sender
     /// or errc::plan_mismatch (refused by admission), errc::invalid_argument (sender `sender`
-    /// is already connected; a predecessor whose end this side has not read yet counts as
-    /// gone once its socket shows end of file), std::errc::timed_out (the peer took longer
+    /// is already connected; a predecessor that hung up counts as gone, once the notices it
+    /// sent before are read when there are any), std::errc::timed_out (the peer took longer
     /// than options.connect_timeout), errc::peer_disconnected (the peer left mid-handshake).
     /// Errors of the receiver: errc::not_connected after close(), operation_aborted when
     /// close() ends a pending accept, errc::invalid_argument when another async_accept is
@@ -774,23 +631,8 @@ public:
     /// a peer in mid-handshake is dropped. Never completes inline.
     template <class Token>
     auto async_accept(Token&& token) {
-      return asio::async_initiate<Token, void(std::error_code, std::uint32_t)>(
-          [s = state_](auto handler) {
-            using handler_type = decltype(handler);
-            auto a = std::make_shared<accept_state>(s);
-            auto slot = asio::get_associated_cancellation_slot(handler);
-            a->op = handler_op<accept_completion, handler_type, std::error_code, std::uint32_t>::create(
-                std::move(handler), s->executor);
-            if (slot.is_connected())
-              // Posted: completing here would clear the slot from inside its own handler.
-              slot.assign([w = std::weak_ptr<accept_state>(a), ex = s->executor](asio::cancellation_type) {
-                asio::post(ex, [w] {
-                  if (auto a = w.lock()) accept_finish(a, asio::error::operation_aborted);
-                });
-              });
-            accept_start(std::move(a));
-          },
-          token);
+      return asio::async_compose<Token, void(std::error_code, std::uint32_t)>(accept_op{state_, nullptr, {}}, token,
+                                                                             state_->executor);
     }
 
     /// Completion void(std::error_code, notice): each notice of each sender, in that
@@ -822,7 +664,8 @@ public:
       s.closed = true;
       std::error_code ignored;
       s.acceptor.close(ignored);
-      if (auto a = s.accepting.lock()) accept_finish(a, asio::error::operation_aborted);
+      // A peer in mid-handshake: its pending step fails, and the accept with operation_aborted.
+      if (auto a = s.accepting.lock()) a->socket.close(ignored);
       for (auto& [id, p] : s.peers) {
         p->gone = true;
         p->socket.close(ignored);
@@ -886,7 +729,7 @@ public:
           [ex = executor_, s = state_](auto handler, std::span<const write_request> batch) {
             if (auto ec = unusable(s)) return detail::post_completion(ex, std::move(handler), ec);
             auto slot = asio::get_associated_cancellation_slot(handler);
-            auto op = handler_op<queued_op, decltype(handler), std::error_code>::create(std::move(handler), ex);
+            auto op = detail::make_op<queued_op>(std::move(handler), ex);
             if (auto ec = s->translate(batch, *op)) return finish(std::move(op), ec);
             enqueue(s, std::move(op), slot);
           },
@@ -908,7 +751,7 @@ public:
           [ex = executor_, s = state_](auto handler, notice_kind kind, std::uint32_t version) {
             if (auto ec = unusable(s)) return detail::post_completion(ex, std::move(handler), ec);
             auto slot = asio::get_associated_cancellation_slot(handler);
-            auto op = handler_op<queued_op, decltype(handler), std::error_code>::create(std::move(handler), ex);
+            auto op = detail::make_op<queued_op>(std::move(handler), ex);
             op->is_notice = true;
             op->frame = detail::encode_notice(kind, version);
             enqueue(s, std::move(op), slot);
@@ -945,22 +788,9 @@ public:
   /// cancellation slot: operation_aborted.
   template <class Token>
   auto async_connect(std::string socket_path, sender_identity who, Token&& token) {
-    return asio::async_initiate<Token, void(std::error_code, connection)>(
-        [this](auto handler, std::string path, sender_identity who) {
-          using handler_type = decltype(handler);
-          auto c = std::make_shared<connect_state>(executor_, pool_, options_, std::move(path), who);
-          auto slot = asio::get_associated_cancellation_slot(handler);
-          c->op = handler_op<connect_completion, handler_type, std::error_code, connection>::create(
-              std::move(handler), executor_);
-          if (slot.is_connected())
-            slot.assign([w = std::weak_ptr<connect_state>(c), ex = executor_](asio::cancellation_type) {
-              asio::post(ex, [w] {
-                if (auto c = w.lock()) connect_finish(c, asio::error::operation_aborted);
-              });
-            });
-          connect_start(std::move(c));
-        },
-        token, std::move(socket_path), who);
+    return asio::async_compose<Token, void(std::error_code, connection)>(
+        connect_op{std::make_shared<connect_state>(executor_, pool_, options_, std::move(socket_path), who), {}},
+        token, executor_);
   }
 
   /// async_connect(socket_path, sender_identity{}, token): sender 0, no plan.
@@ -970,99 +800,80 @@ public:
   }
 
 private:
-  using connect_completion = completion_base<std::error_code, connection>;
-
+  // A sender's handshake: its socket and what the receiver hands over, shared with the
+  // socket operations.
   struct connect_state {
     connect_state(const Executor& ex, std::shared_ptr<asio::thread_pool> p, shm_options o, std::string path,
                   sender_identity w)
-        : executor(ex), pool(std::move(p)), options(o), path(std::move(path)), who(w), socket(ex), timer(ex) {}
+        : executor(ex), pool(std::move(p)), options(o), path(std::move(path)), who(w), socket(ex) {}
     Executor executor;
     std::shared_ptr<asio::thread_pool> pool;
     shm_options options;
     std::string path;
     sender_identity who;
-    op_ptr<connect_completion> op;  // empty once completed
     socket_type socket;
-    timer_type timer;
-    detail::hello_frame hello{};
-    std::array<std::byte, detail::verdict_bytes> verdict{};
     std::array<std::byte, detail::shm_header_bytes> header{};
     std::size_t header_got = 0;
     std::vector<detail::unique_fd> fds;
     std::vector<std::byte> payload;
+    std::vector<typename connection_state::arena> arenas;
+    region_table table;
   };
 
-  static void connect_finish(const std::shared_ptr<connect_state>& c, std::error_code ec,
-                             std::shared_ptr<connection_state> s = nullptr) {
-    auto op = std::move(c->op);
-    if (!op) return;
-    std::error_code ignored;
-    c->socket.close(ignored);
-    c->timer.cancel();
-    op.release()->complete(detail::shm_system_error(ec), connection(c->executor, std::move(s)));
-  }
+  // What the shm sender adds to the shared handshake once admitted: the header with the
+  // arenas' descriptors (read with recvmsg when readable), then the payload, then the
+  // mappings.
+  struct receive_arenas {
+    std::shared_ptr<connect_state> c;
+    enum class step { wait, header, payload } at = step::wait;
 
-  static void connect_start(std::shared_ptr<connect_state> c) {
-    if (auto e = path_error(c->path)) return connect_finish(c, e);
-    c->timer.expires_after(c->options.connect_timeout);
-    c->timer.async_wait([w = std::weak_ptr<connect_state>(c)](std::error_code ec) {
-      if (auto c = w.lock(); c && !ec) connect_finish(c, std::make_error_code(std::errc::timed_out));
-    });
-    auto& st = *c;
-    st.socket.async_connect(asio::local::stream_protocol::endpoint(st.path), [c = std::move(c)](std::error_code ec) mutable {
-      if (!c->op) return;
-      if (ec) return connect_finish(c, ec);
-      c->hello = detail::encode_hello(detail::shm_magic, c->who);
-      auto& st = *c;
-      asio::async_write(st.socket, asio::buffer(st.hello), [c = std::move(c)](std::error_code ec, std::size_t) mutable {
-        if (!c->op) return;
-        if (ec) return connect_finish(c, detail::shm_handshake_error(ec));
-        auto& st = *c;
-        asio::async_read(st.socket, asio::buffer(st.verdict), [c = std::move(c)](std::error_code ec, std::size_t) mutable {
-          if (!c->op) return;
-          if (ec) return connect_finish(c, detail::shm_handshake_error(ec));
-          if (auto refusal = detail::decode_verdict(c->verdict)) return connect_finish(c, refusal);
-          connect_header(std::move(c));
-        });
-      });
-    });
-  }
+    template <class Self>
+    void operator()(Self& self, std::error_code ec = {}, std::size_t = 0) {
+      if (ec) return self.complete(ec);
+      switch (at) {
+        case step::wait:
+          at = step::header;
+          return c->socket.async_wait(asio::socket_base::wait_read, std::move(self));
+        case step::header: {
+          bool truncated = false;
+          std::error_code e;
+          const auto want = std::span(c->header).subspan(c->header_got);
+          const std::size_t n = detail::receive_with_fds(c->socket.native_handle(), want, c->fds, truncated, e);
+          if (e && e != std::errc::resource_unavailable_try_again && e != std::errc::operation_would_block)
+            return self.complete(e);
+          if (!e && n == 0) return self.complete(make_error_code(errc::peer_disconnected));
+          if (truncated) return self.complete(make_error_code(errc::protocol_error));
+          c->header_got += n;
+          if (c->header_got < c->header.size()) {
+            at = step::header;
+            return c->socket.async_wait(asio::socket_base::wait_read, std::move(self));
+          }
+          const auto count = detail::get_le<std::uint32_t>(c->header.data() + 4);
+          const auto bytes = detail::get_le<std::uint64_t>(c->header.data() + 8);
+          if (std::memcmp(c->header.data(), detail::shm_magic.data(), 4) != 0 || count != c->fds.size() ||
+              bytes > detail::shm_max_payload || bytes < 16 * std::uint64_t(count))
+            return self.complete(make_error_code(errc::protocol_error));
+          c->payload.resize(static_cast<std::size_t>(bytes));
+          at = step::payload;
+          return asio::async_read(c->socket, asio::buffer(c->payload), std::move(self));
+        }
+        case step::payload:
+          return self.complete(map_arenas(*c));
+      }
+    }
+  };
 
-  // The header comes with the descriptors, so it is read with recvmsg when readable.
-  static void connect_header(std::shared_ptr<connect_state> c) {
-    auto& st = *c;
-    st.socket.async_wait(asio::socket_base::wait_read, [c = std::move(c)](std::error_code ec) mutable {
-      if (!c->op) return;
-      if (ec) return connect_finish(c, detail::shm_handshake_error(ec));
-      bool truncated = false;
-      std::error_code e;
-      const auto want = std::span(c->header).subspan(c->header_got);
-      const std::size_t n = detail::receive_with_fds(c->socket.native_handle(), want, c->fds, truncated, e);
-      if (e && e != std::errc::resource_unavailable_try_again && e != std::errc::operation_would_block)
-        return connect_finish(c, detail::shm_handshake_error(e));
-      if (!e && n == 0) return connect_finish(c, make_error_code(errc::peer_disconnected));
-      if (truncated) return connect_finish(c, make_error_code(errc::protocol_error));
-      c->header_got += n;
-      if (c->header_got < c->header.size()) return connect_header(std::move(c));
-      const auto count = detail::get_le<std::uint32_t>(c->header.data() + 4);
-      const auto bytes = detail::get_le<std::uint64_t>(c->header.data() + 8);
-      if (std::memcmp(c->header.data(), detail::shm_magic.data(), 4) != 0 || count != c->fds.size() ||
-          bytes > detail::shm_max_payload || bytes < 16 * std::uint64_t(count))
-        return connect_finish(c, make_error_code(errc::protocol_error));
-      c->payload.resize(static_cast<std::size_t>(bytes));
-      auto& st = *c;
-      asio::async_read(st.socket, asio::buffer(st.payload), [c = std::move(c)](std::error_code ec, std::size_t) mutable {
-        if (!c->op) return;
-        if (ec) return connect_finish(c, detail::shm_handshake_error(ec));
-        connect_map(c);
-      });
-    });
-  }
+  struct connect_exchange {
+    std::shared_ptr<connect_state> c;
+    template <class Handler>
+    void operator()(socket_type&, Handler&& handler) const {
+      asio::async_compose<std::decay_t<Handler>, void(std::error_code)>(receive_arenas{c}, handler, c->executor);
+    }
+  };
 
-  static void connect_map(const std::shared_ptr<connect_state>& c) {
-    auto s = std::make_shared<connection_state>(c->executor, c->pool, c->options, std::move(c->socket), c->who);
-    const std::byte* p = c->payload.data();
-    for (auto& fd : c->fds) {
+  static std::error_code map_arenas(connect_state& c) {
+    const std::byte* p = c.payload.data();
+    for (auto& fd : c.fds) {
       typename connection_state::arena a;
       a.remote = detail::get_le<std::uint64_t>(p);
       a.length = detail::get_le<std::uint64_t>(p + 8);
@@ -1070,29 +881,53 @@ private:
       struct stat info {};
       // A shorter file would SIGBUS our copies; never map past its end.
       if (::fstat(fd.get(), &info) != 0 || a.length == 0 || static_cast<std::uint64_t>(info.st_size) < a.length)
-        return connect_finish(c, make_error_code(errc::protocol_error));
+        return make_error_code(errc::protocol_error);
       std::error_code e;
       a.map = detail::mapping::map_shared(fd.get(), static_cast<std::size_t>(a.length), MAP_POPULATE, e);
-      if (e) return connect_finish(c, e);
-      s->arenas.push_back(std::move(a));
+      if (e) return e;
+      c.arenas.push_back(std::move(a));
     }
     std::error_code e;
-    s->table = region_table::parse(
+    c.table = region_table::parse(
         std::string_view(reinterpret_cast<const char*>(p),
-                         static_cast<std::size_t>(c->payload.data() + c->payload.size() - p)),
+                         static_cast<std::size_t>(c.payload.data() + c.payload.size() - p)),
         e);
-    if (e) return connect_finish(c, e);
+    if (e) return e;
     // Writes translate through the region's arena: a region outside it would be a write
     // outside the mapping.
-    for (const auto& r : s->table.regions()) {
-      if (r.key >= s->arenas.size()) return connect_finish(c, make_error_code(errc::protocol_error));
-      const auto& a = s->arenas[r.key];
+    for (const auto& r : c.table.regions()) {
+      if (r.key >= c.arenas.size()) return make_error_code(errc::protocol_error);
+      const auto& a = c.arenas[r.key];
       if (r.address < a.remote || r.length > a.length || r.address - a.remote > a.length - r.length)
-        return connect_finish(c, make_error_code(errc::protocol_error));
+        return make_error_code(errc::protocol_error);
     }
-    watch(s);
-    connect_finish(c, {}, std::move(s));
+    return {};
   }
+
+  struct connect_op {
+    std::shared_ptr<connect_state> c;
+    std::error_code refused;  // before any handshake: completed through a post
+
+    template <class Self>
+    void operator()(Self& self) {
+      if (refused) return self.complete(refused, connection(c->executor, nullptr));
+      if ((refused = path_error(c->path))) return asio::post(c->executor, std::move(self));
+      self.reset_cancellation_state(asio::enable_total_cancellation());
+      detail::async_handshake_as_sender(std::shared_ptr<socket_type>(c, &c->socket),
+                                        asio::local::stream_protocol::endpoint(c->path), detail::shm_magic, c->who,
+                                        c->options.connect_timeout, connect_exchange{c}, std::move(self));
+    }
+
+    template <class Self>
+    void operator()(Self& self, std::error_code ec) {
+      if (ec) return self.complete(detail::shm_system_error(ec), connection(c->executor, nullptr));
+      auto s = std::make_shared<connection_state>(c->executor, c->pool, c->options, std::move(c->socket), c->who);
+      s->arenas = std::move(c->arenas);
+      s->table = std::move(c->table);
+      s->control.watch(s);
+      self.complete(std::error_code{}, connection(c->executor, std::move(s)));
+    }
+  };
 
   executor_type executor_;
   shm_options options_;

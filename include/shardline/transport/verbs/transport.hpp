@@ -3,10 +3,12 @@
 // exchange, the region table and the notices. Satisfies shardline::transport.
 #pragma once
 
-#include <shardline/transport/detail/control.hpp>
+#include <shardline/detail/completion.hpp>
 #include <shardline/error.hpp>
 #include <shardline/memory.hpp>
 #include <shardline/transport/concepts.hpp>
+#include <shardline/transport/detail/control.hpp>
+#include <shardline/transport/detail/handshake.hpp>
 #include <shardline/transport/verbs/completion_queue.hpp>
 #include <shardline/transport/verbs/detail/connection_state.hpp>
 #include <shardline/transport/verbs/detail/receiver_state.hpp>
@@ -19,7 +21,6 @@
 
 #include <asio/any_io_executor.hpp>
 #include <asio/async_result.hpp>
-#include <asio/basic_waitable_timer.hpp>
 #include <asio/compose.hpp>
 #include <asio/ip/tcp.hpp>
 #include <asio/post.hpp>
@@ -56,16 +57,6 @@ namespace shardline::verbs {
 /// strand). No threads of its own: completions run as handlers on the executor.
 template <poll_mode Mode = poll_mode::adaptive, class Executor = asio::any_io_executor>
 class basic_verbs_transport {
-  using timer_type = asio::basic_waitable_timer<std::chrono::steady_clock,
-                                                asio::wait_traits<std::chrono::steady_clock>,
-                                                Executor>;
-  // A handshake's deadline, shared with its timer's handler: `over` once the handshake
-  // ended, so a timer that fired late leaves a finished connection alone.
-  struct deadline {
-    bool expired = false;
-    bool over = false;
-  };
-
 public:
   using executor_type = Executor;
   static constexpr poll_mode mode = Mode;
@@ -206,8 +197,7 @@ public:
     template <class Handler>
     static void not_connected(Handler&& handler) {
       auto ex = asio::get_associated_executor(handler);
-      detail::erase_handler<std::error_code>(std::forward<Handler>(handler), ex)
-          ->complete(make_error_code(errc::not_connected));
+      shardline::detail::post_completion(ex, std::forward<Handler>(handler), make_error_code(errc::not_connected));
     }
 
     struct initiate_write {
@@ -271,11 +261,7 @@ public:
     /// outside destination_kinds, errc::invalid_argument for a name given twice or an
     /// overlap, ibv_reg_mr's errno (with its text) when the registration fails. Expose
     /// before accepting: each sender receives the table when it connects.
-    void expose(exposure e) {
-      require_kind(destination_kinds, e.location, "the verbs transport",
-                   "region '" + e.name + "'");
-      state_->expose(std::move(e));
-    }
+    void expose(exposure e) { state_->expose(std::move(e), destination_kinds); }
     /// A host byte region.
     void expose(std::string name, std::span<std::byte> bytes) {
       expose(exposure{std::move(name), bytes, {}, {}});
@@ -298,12 +284,12 @@ public:
     /// serving the others: call async_accept again (several may be pending). The whole
     /// handshake is bounded by options::connect_timeout (asio::error::timed_out), so a
     /// client that says nothing cannot hold it; errc::peer_disconnected when the peer left
-    /// mid-handshake. Cancellation: as the underlying socket operations.
+    /// mid-handshake. Cancellation (any type): completes with operation_aborted; a peer in
+    /// mid-handshake is dropped.
     template <class Token>
     auto async_accept(Token&& token) {
       return asio::async_compose<Token, void(std::error_code, std::uint32_t)>(
-          accept_op{state_, nullptr, 0, transport_->opts_.connect_timeout}, token,
-          transport_->executor_);
+          accept_op{state_, transport_->opts_.connect_timeout}, token, transport_->executor_);
     }
 
     /// Completes with void(std::error_code, notice) for each notice of each sender, in
@@ -328,132 +314,113 @@ public:
 
   private:
     using peer = typename state_type::peer;
+    using socket_type = typename state_type::socket_type;
 
-    struct accept_data {
-      explicit accept_data(const Executor& ex) : timer(ex) {}
+    // What the verbs receiver adds to the shared handshake: whom it admits (a sender id
+    // already connected is refused, unless that connection is over), then the QP exchange
+    // and the region table.
+    struct accept_hooks {
+      std::shared_ptr<state_type> state;
       std::shared_ptr<peer> p;
-      timer_type timer;
-      std::shared_ptr<deadline> clock = std::make_shared<deadline>();
-      shardline::detail::hello_frame hello{};
-      std::array<std::byte, shardline::detail::verdict_bytes> verdict{};
+
+      shardline::detail::judgement judge(const sender_identity& who) const {
+        bool retry = false;
+        const auto refusal = state->check(p, who, retry);
+        // The same sender's previous connection hung up with notices still unread: the
+        // handshake asks again once the loop read them and its end.
+        if (retry) return {refusal, true};
+        if (!refusal) state->claim(p, who.sender);
+        return {refusal};
+      }
+
+      template <class Handler>
+      void operator()(socket_type&, const sender_identity&, Handler&& handler) const {
+        asio::async_compose<std::decay_t<Handler>, void(std::error_code)>(
+            qp_exchange{state, p, std::make_unique<exchange_data>()}, handler, state->acceptor().get_executor());
+      }
+    };
+
+    struct exchange_data {
       std::string in;
       std::string out;
       ibv_gid gid{};
       std::size_t qps = 0;
-      sender_identity who;
-      std::error_code refusal;
-      unsigned yields = 0;
     };
 
-    struct accept_op {
+    // Reads the sender's QPs, brings ours to RTR/RTS against them, answers with ours and the
+    // region table.
+    struct qp_exchange {
       std::shared_ptr<state_type> state;
-      std::unique_ptr<accept_data> d;
-      int step;
-      std::chrono::milliseconds timeout;
+      std::shared_ptr<peer> p;
+      std::unique_ptr<exchange_data> d;
+      enum class step { start, fixed_read, qps_read, answered } at = step::start;
 
       template <class Self>
       void operator()(Self& self, std::error_code ec = {}, std::size_t = 0) {
-        switch (step) {
-          case 0:
-            d = std::make_unique<accept_data>(state->acceptor().get_executor());
-            if (state->closed()) {
-              step = 99;
-              return asio::post(state->acceptor().get_executor(), std::move(self));
-            }
-            d->p = state->new_peer();
-            step = 1;
-            return state->acceptor().async_accept(d->p->socket, std::move(self));
-          case 1:
-            if (ec) return fail(self, ec);
-            d->timer.expires_after(timeout);
-            d->timer.async_wait([clock = d->clock, w = std::weak_ptr<peer>(d->p)](std::error_code e) {
-              if (e || clock->over) return;
-              clock->expired = true;
-              if (auto p = w.lock()) {
-                std::error_code ignored;
-                p->socket.close(ignored);
-              }
-            });
-            step = 2;
-            return asio::async_read(d->p->socket, asio::buffer(d->hello), std::move(self));
-          case 2:
-            if (ec) return fail(self, ec);
-            d->refusal = shardline::detail::decode_hello(detail::hello_magic, d->hello, d->who);
-            step = 3;
-            [[fallthrough]];
-          case 3: {
-            bool retry = false;
-            if (!d->refusal) d->refusal = state->check(d->p, d->who, retry);
-            if (retry && d->yields++ < max_yields) {
-              // The same sender's previous connection hung up with notices still unread:
-              // let the loop read them and its end, then look again.
-              d->refusal.clear();
-              return asio::post(state->acceptor().get_executor(), std::move(self));
-            }
-            if (!d->refusal) state->claim(d->p, d->who.sender);
-            d->verdict = shardline::detail::encode_verdict(d->refusal);
-            step = 4;
-            return asio::async_write(d->p->socket, asio::buffer(d->verdict), std::move(self));
-          }
-          case 4:
-            if (d->refusal) return fail(self, d->refusal);
-            if (ec) return fail(self, ec);
+        if (ec) return self.complete(ec);
+        switch (at) {
+          case step::start:
             d->in.resize(detail::wire_fixed);
-            step = 5;
-            return asio::async_read(d->p->socket, asio::buffer(d->in), std::move(self));
-          case 5:
-            if (ec) return fail(self, ec);
+            at = step::fixed_read;
+            return asio::async_read(p->socket, asio::buffer(d->in), std::move(self));
+          case step::fixed_read:
             d->qps = detail::decode_fixed(d->in, d->gid);
-            if (!d->qps) return fail(self, make_error_code(errc::protocol_error));
+            if (!d->qps) return self.complete(make_error_code(errc::protocol_error));
             d->in.resize(8 * d->qps);
-            step = 6;
-            return asio::async_read(d->p->socket, asio::buffer(d->in), std::move(self));
-          case 6: {
-            if (ec) return fail(self, ec);
+            at = step::qps_read;
+            return asio::async_read(p->socket, asio::buffer(d->in), std::move(self));
+          case step::qps_read:
             try {
-              d->p->init(state->dev(), d->qps);
+              p->init(state->dev(), d->qps);
               const auto remote = detail::decode_qps(d->in, d->qps);
               std::vector<qp_endpoint> mine;
               for (std::size_t i = 0; i < d->qps; ++i) {
-                if (auto e = d->p->qps[i]->connect(d->gid, remote[i], state->opts()))
-                  return fail(self, e);
-                mine.push_back(d->p->qps[i]->local());
+                if (auto e = p->qps[i]->connect(d->gid, remote[i], state->opts())) return self.complete(e);
+                mine.push_back(p->qps[i]->local());
               }
               d->out = detail::encode_endpoints(state->dev()->gid(), mine);
               const std::string table = state->table().serialize();
               shardline::detail::put_le<std::uint64_t>(d->out, table.size());
               d->out += table;
             } catch (const std::system_error& e) {
-              return fail(self, e.code());
+              return self.complete(e.code());
             }
-            step = 7;
-            return asio::async_write(d->p->socket, asio::buffer(d->out), std::move(self));
-          }
-          case 7:
-            if (ec) return fail(self, ec);
-            if (state->closed()) return fail(self, make_error_code(errc::not_connected));
-            d->clock->over = true;
-            d->timer.cancel();
-            state->serve(d->p);
-            return self.complete(std::error_code{}, d->who.sender);
-          default:
-            return self.complete(make_error_code(errc::not_connected), 0u);
+            at = step::answered;
+            return asio::async_write(p->socket, asio::buffer(d->out), std::move(self));
+          case step::answered:
+            return self.complete(std::error_code{});
         }
-      }
-
-      template <class Self>
-      void fail(Self& self, std::error_code ec) {
-        d->clock->over = true;
-        d->timer.cancel();
-        ec = d->clock->expired ? std::error_code(asio::error::timed_out) : detail::handshake_error(ec);
-        state->forget(d->p);
-        self.complete(ec, d->who.sender);
       }
     };
 
-    // Posts (each a trip through the reactor) spent waiting for a hung-up connection of the
-    // same sender to be read to its end; past them the newcomer is refused.
-    static constexpr unsigned max_yields = 64;
+    struct accept_op {
+      std::shared_ptr<state_type> state;
+      std::chrono::milliseconds timeout;
+      std::shared_ptr<peer> p;
+      bool refused = false;  // closed before it started: completed through a post
+
+      template <class Self>
+      void operator()(Self& self) {
+        if (refused) return self.complete(make_error_code(errc::not_connected), 0u);
+        if ((refused = state->closed())) return asio::post(state->acceptor().get_executor(), std::move(self));
+        self.reset_cancellation_state(asio::enable_total_cancellation());
+        p = state->new_peer();
+        shardline::detail::async_handshake_as_receiver(state->acceptor(), std::shared_ptr<socket_type>(p, &p->socket),
+                                                       detail::hello_magic, timeout, accept_hooks{state, p},
+                                                       std::move(self));
+      }
+
+      template <class Self>
+      void operator()(Self& self, std::error_code ec, sender_identity who) {
+        if (!ec && state->closed()) ec = make_error_code(errc::not_connected);
+        if (ec) {
+          state->forget(p);
+          return self.complete(ec, who.sender);
+        }
+        state->serve(p);
+        self.complete(std::error_code{}, who.sender);
+      }
+    };
 
     basic_verbs_transport* transport_;
     std::shared_ptr<state_type> state_;
@@ -466,11 +433,11 @@ public:
   /// this id is connected, errc::protocol_version_mismatch); the system error of connect;
   /// asio::error::timed_out after options::connect_timeout; errc::peer_disconnected when
   /// the receiver went away mid-handshake; errc::protocol_error for a malformed reply.
-  /// Cancellation: as the underlying socket operations.
+  /// Cancellation (any type): completes with operation_aborted.
   template <class Token>
   auto async_connect(asio::ip::tcp::endpoint peer, sender_identity who, Token&& token) {
-    return asio::async_compose<Token, void(std::error_code, connection)>(
-        connect_op{this, peer, who, nullptr, 0}, token, executor_);
+    return asio::async_compose<Token, void(std::error_code, connection)>(connect_op{this, peer, who}, token,
+                                                                         executor_);
   }
   /// As sender_identity{} (sender 0, no plan).
   template <class Token>
@@ -480,110 +447,92 @@ public:
 
 private:
   using cstate = detail::connection_state<Mode, Executor>;
+  using socket_type = typename cstate::socket_type;
 
-  struct connect_data {
-    explicit connect_data(const Executor& ex) : timer(ex) {}
+  // What the verbs sender adds to the shared handshake once admitted: our QPs out, the
+  // receiver's QPs and its region table in, our QPs to RTR/RTS against them.
+  struct qp_exchange {
     std::shared_ptr<cstate> state;
-    timer_type timer;
-    std::shared_ptr<deadline> clock = std::make_shared<deadline>();
-    shardline::detail::hello_frame hello{};
-    std::array<std::byte, shardline::detail::verdict_bytes> verdict{};
-    std::string buf;
-    std::size_t qps = 0;
-    std::error_code ec;
+    std::shared_ptr<device> dev;
+    std::size_t qps;
+    std::unique_ptr<std::string> buf = std::make_unique<std::string>();
+    enum class step { start, sent, endpoints_read, table_read } at = step::start;
+
+    template <class Self>
+    void operator()(Self& self, std::error_code ec = {}, std::size_t = 0) {
+      if (ec) return self.complete(ec);
+      switch (at) {
+        case step::start:
+          *buf = detail::encode_endpoints(dev->gid(), state->endpoints());
+          at = step::sent;
+          return asio::async_write(state->socket(), asio::buffer(*buf), std::move(self));
+        case step::sent:
+          buf->assign(detail::wire_fixed + 8 * qps + 8, '\0');
+          at = step::endpoints_read;
+          return asio::async_read(state->socket(), asio::buffer(*buf), std::move(self));
+        case step::endpoints_read: {
+          ibv_gid gid{};
+          if (detail::decode_fixed(*buf, gid) != qps) return self.complete(make_error_code(errc::protocol_error));
+          const std::string_view rest = std::string_view(*buf).substr(detail::wire_fixed);
+          const auto remote = detail::decode_qps(rest, qps);
+          const auto len = shardline::detail::get_le<std::uint64_t>(rest.data() + 8 * qps);
+          if (len > detail::wire_max_table) return self.complete(make_error_code(errc::protocol_error));
+          if (auto e = state->connect_qps(gid, remote)) return self.complete(e);
+          buf->assign(static_cast<std::size_t>(len), '\0');
+          at = step::table_read;
+          return asio::async_read(state->socket(), asio::buffer(*buf), std::move(self));
+        }
+        case step::table_read: {
+          std::error_code e;
+          state->table = region_table::parse(*buf, e);
+          return self.complete(e);
+        }
+      }
+    }
+  };
+
+  struct connect_exchange {
+    std::shared_ptr<cstate> state;
+    std::shared_ptr<device> dev;
+    std::size_t qps;
+    template <class Handler>
+    void operator()(socket_type& socket, Handler&& handler) const {
+      asio::async_compose<std::decay_t<Handler>, void(std::error_code)>(qp_exchange{state, dev, qps}, handler,
+                                                                        socket.get_executor());
+    }
   };
 
   struct connect_op {
     basic_verbs_transport* t;
     asio::ip::tcp::endpoint peer;
     sender_identity who;
-    std::unique_ptr<connect_data> d;
-    int step;
+    std::shared_ptr<cstate> state;
+    std::error_code refused;  // before any handshake: completed through a post
 
     template <class Self>
-    void operator()(Self& self, std::error_code ec = {}, std::size_t = 0) {
-      switch (step) {
-        case 0: {
-          d = std::make_unique<connect_data>(t->executor_);
-          try {
-            d->state = std::make_shared<cstate>(t->executor_, t->device_, t->opts_, who);
-            d->state->init();
-          } catch (const std::system_error& e) {
-            d->ec = e.code();
-            step = 99;
-            return asio::post(t->executor_, std::move(self));
-          }
-          d->qps = t->opts_.queue_pairs;
-          d->timer.expires_after(t->opts_.connect_timeout);
-          d->timer.async_wait([clock = d->clock,
-                               w = std::weak_ptr<cstate>(d->state)](std::error_code e) {
-            if (e || clock->over) return;
-            clock->expired = true;
-            if (auto s = w.lock()) {
-              std::error_code ignored;
-              s->socket().close(ignored);
-            }
-          });
-          step = 1;
-          return d->state->socket().async_connect(peer, std::move(self));
-        }
-        case 1:
-          if (ec) return done(self, ec);
-          d->hello = shardline::detail::encode_hello(detail::hello_magic, who);
-          step = 2;
-          return asio::async_write(d->state->socket(), asio::buffer(d->hello), std::move(self));
-        case 2:
-          if (ec) return done(self, ec);
-          step = 3;
-          return asio::async_read(d->state->socket(), asio::buffer(d->verdict), std::move(self));
-        case 3:
-          if (ec) return done(self, ec);
-          if (auto refused = shardline::detail::decode_verdict(d->verdict)) return done(self, refused);
-          d->buf = detail::encode_endpoints(t->device_->gid(), d->state->endpoints());
-          step = 4;
-          return asio::async_write(d->state->socket(), asio::buffer(d->buf), std::move(self));
-        case 4:
-          if (ec) return done(self, ec);
-          d->buf.assign(detail::wire_fixed + 8 * d->qps + 8, '\0');
-          step = 5;
-          return asio::async_read(d->state->socket(), asio::buffer(d->buf), std::move(self));
-        case 5: {
-          if (ec) return done(self, ec);
-          ibv_gid gid{};
-          if (detail::decode_fixed(d->buf, gid) != d->qps)
-            return done(self, make_error_code(errc::protocol_error));
-          const std::string_view rest = std::string_view(d->buf).substr(detail::wire_fixed);
-          const auto remote = detail::decode_qps(rest, d->qps);
-          const auto len = shardline::detail::get_le<std::uint64_t>(rest.data() + 8 * d->qps);
-          if (len > detail::wire_max_table) return done(self, make_error_code(errc::protocol_error));
-          if (auto e = d->state->connect_qps(gid, remote)) return done(self, e);
-          d->buf.assign(static_cast<std::size_t>(len), '\0');
-          step = 6;
-          return asio::async_read(d->state->socket(), asio::buffer(d->buf), std::move(self));
-        }
-        case 6: {
-          if (ec) return done(self, ec);
-          std::error_code pe;
-          d->state->table = region_table::parse(d->buf, pe);
-          return done(self, pe);
-        }
-        default:
-          return done(self, d->ec);
+    void operator()(Self& self) {
+      if (refused) return self.complete(refused, connection(t->executor_, nullptr));
+      try {
+        state = std::make_shared<cstate>(t->executor_, t->device_, t->opts_, who);
+        state->init();
+      } catch (const std::system_error& e) {
+        refused = e.code();
+        return asio::post(t->executor_, std::move(self));
       }
+      self.reset_cancellation_state(asio::enable_total_cancellation());
+      shardline::detail::async_handshake_as_sender(
+          std::shared_ptr<socket_type>(state, &state->socket()), peer, detail::hello_magic, who,
+          t->opts_.connect_timeout, connect_exchange{state, t->device_, t->opts_.queue_pairs}, std::move(self));
     }
 
     template <class Self>
-    void done(Self& self, std::error_code ec) {
-      d->clock->over = true;
-      d->timer.cancel();
-      if (d->clock->expired) ec = asio::error::timed_out;
-      else ec = detail::handshake_error(ec);
+    void operator()(Self& self, std::error_code ec) {
       if (ec) {
-        if (d->state) d->state->close();
+        state->close();
         return self.complete(ec, connection(t->executor_, nullptr));
       }
-      d->state->start_control();
-      return self.complete(ec, connection(t->executor_, std::move(d->state)));
+      state->start_control();
+      self.complete(ec, connection(t->executor_, std::move(state)));
     }
   };
 

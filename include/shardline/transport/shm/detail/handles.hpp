@@ -1,5 +1,5 @@
-// RAII for the file descriptors and mappings of the shm transport, the SCM_RIGHTS exchange
-// that hands a receiver's arenas to each sender, and a liveness probe of a sender's socket.
+// RAII for the file descriptors and mappings of the shm transport, and the SCM_RIGHTS
+// exchange that hands a receiver's arenas to each sender.
 #pragma once
 
 #include <cerrno>
@@ -146,16 +146,6 @@ inline std::size_t receive_with_fds(int socket, std::span<std::byte> data, std::
     }
   }
   return static_cast<std::size_t>(n);
-}
-
-/// True when the peer of a connected stream socket has hung up and nothing it sent is left
-/// unread: a read would see end of file (or the socket is in error). Never blocks.
-inline bool peer_hung_up(int socket) noexcept {
-  char byte;
-  ssize_t n;
-  do n = ::recv(socket, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
-  while (n < 0 && errno == EINTR);
-  return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK);
 }
 
 }  // namespace shardline::detail

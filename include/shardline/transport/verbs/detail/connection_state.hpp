@@ -3,11 +3,12 @@
 #pragma once
 
 #include <shardline/transport/detail/control.hpp>
+#include <shardline/transport/detail/control_link.hpp>
+#include <shardline/transport/detail/erased_op.hpp>
 #include <shardline/error.hpp>
 #include <shardline/memory.hpp>
 #include <shardline/transport/concepts.hpp>
 #include <shardline/transport/verbs/completion_queue.hpp>
-#include <shardline/transport/verbs/detail/handler.hpp>
 #include <shardline/transport/verbs/device.hpp>
 #include <shardline/transport/verbs/error.hpp>
 #include <shardline/transport/verbs/options.hpp>
@@ -35,6 +36,9 @@
 
 namespace shardline::verbs::detail {
 
+// A pending write's or notice's handler (transport/detail/erased_op.hpp).
+using completion_ptr = shardline::detail::op_ptr<shardline::detail::erased_op<std::error_code>>;
+
 struct write_op;
 
 // One work request. wr_id points here: into the operation's state, never at a
@@ -56,7 +60,7 @@ struct segment {
 struct write_op {
   std::uint64_t gen = 1;
   std::uint64_t seq = 0;              // initiation order: a notice waits for every lower one
-  std::unique_ptr<erased_handler<std::error_code>> handler;
+  completion_ptr handler;
   asio::cancellation_slot slot;
   std::vector<segment> segs;
   std::vector<std::size_t> cursor;    // per QP: the next segment to post on it
@@ -70,7 +74,8 @@ struct write_op {
 struct notice_op {
   shardline::detail::notice_frame frame{};
   std::uint64_t after = 0;            // write seqs below this one must have completed
-  std::unique_ptr<erased_handler<std::error_code>> handler;  // null once cancelled
+  std::uint64_t tag = 0;               // names its ack on the control link
+  completion_ptr handler;             // null once cancelled
   asio::cancellation_slot slot;
 };
 
@@ -83,7 +88,7 @@ public:
 
   connection_state(const Executor& ex, std::shared_ptr<device> dev, const options& o,
                    sender_identity who)
-      : ex_(ex), opts_(o), device_(std::move(dev)), socket_(ex), who_(who) {
+      : ex_(ex), opts_(o), device_(std::move(dev)), control_(socket_type(ex)), who_(who) {
     if (opts_.queue_pairs == 0 || opts_.queue_pairs > 64)
       throw error(make_error_code(errc::invalid_argument),
                   "verbs options: queue_pairs must be 1..64, not " +
@@ -115,7 +120,7 @@ public:
     sges_.resize(chain);
   }
 
-  socket_type& socket() noexcept { return socket_; }
+  socket_type& socket() noexcept { return control_.socket(); }
   std::vector<qp_endpoint> endpoints() const {
     std::vector<qp_endpoint> v;
     for (auto& q : qps_) v.push_back(q->local());
@@ -138,15 +143,15 @@ public:
   template <class Handler>
   void start_write(std::span<const write_request> batch, Handler&& handler) {
     auto slot = asio::get_associated_cancellation_slot(handler);
-    auto h = erase_handler<std::error_code>(std::forward<Handler>(handler), ex_);
-    if (closed_) return h->complete(make_error_code(errc::not_connected));
-    if (control_ec_) return h->complete(control_ec_);
-    if (failed_) return h->complete(make_error_code(errc::connection_failed));
+    auto h = make_completion(std::forward<Handler>(handler));
+    if (closed_) return complete_op(std::move(h), make_error_code(errc::not_connected));
+    if (control_ec_) return complete_op(std::move(h), control_ec_);
+    if (failed_) return complete_op(std::move(h), make_error_code(errc::connection_failed));
     // Checked whole before anything is posted: a batch that reaches outside the receiver's
     // table fails without moving a byte, and the connection goes on.
     for (const auto& w : batch)
       if (!table.covers(w.remote_address, w.source.size()))
-        return h->complete(make_error_code(errc::region_not_exposed));
+        return complete_op(std::move(h), make_error_code(errc::region_not_exposed));
 
     write_op* op = acquire();
     const std::size_t n = qps_.size();
@@ -183,12 +188,13 @@ public:
   template <class Handler>
   void start_notify(notice_kind kind, std::uint32_t version, Handler&& handler) {
     auto slot = asio::get_associated_cancellation_slot(handler);
-    auto h = erase_handler<std::error_code>(std::forward<Handler>(handler), ex_);
-    if (closed_) return h->complete(make_error_code(errc::not_connected));
-    if (control_ec_) return h->complete(control_ec_);
+    auto h = make_completion(std::forward<Handler>(handler));
+    if (closed_) return complete_op(std::move(h), make_error_code(errc::not_connected));
+    if (control_ec_) return complete_op(std::move(h), control_ec_);
     auto n = std::make_unique<notice_op>();
     n->frame = shardline::detail::encode_notice(kind, version);
     n->after = next_seq_;
+    n->tag = ++next_tag_;
     n->handler = std::move(h);
     if (slot.is_connected()) {
       n->slot = slot;
@@ -244,21 +250,20 @@ public:
     if (it == notices_.end() || !(*it)->handler) return;
     auto h = take(**it);
     if (static_cast<std::size_t>(it - notices_.begin()) >= sent_) notices_.erase(it);
-    h->complete(asio::error::operation_aborted);
+    complete_op(std::move(h), asio::error::operation_aborted);
     settle();
   }
 
   // Connected: from now on the control socket is always read, so that the receiver's end
   // is seen even by an idle sender.
-  void start_control() { start_read(); }
+  void start_control() { control_.watch(this->weak_from_this()); }
 
   void close() noexcept {
     if (closed_) return;
     closed_ = true;
     fail(asio::error::operation_aborted, false);
     fail_notices(asio::error::operation_aborted);
-    std::error_code ignored;
-    socket_.close(ignored);
+    control_.close();
     settle();
   }
 
@@ -317,7 +322,7 @@ private:
     auto h = std::move(op->handler);
     ++op->gen;
     free_.push_back(op);
-    h->complete(op->ec);
+    complete_op(std::move(h), op->ec);
     pump_notices();
     settle();
   }
@@ -349,14 +354,21 @@ private:
   void control_failed(std::error_code ec) {
     if (control_ec_ || closed_) return;
     control_ec_ = ec;
-    std::error_code ignored;
-    socket_.close(ignored);
+    control_.close();
     fail_notices(ec);
     fail(ec, false);
     settle();
   }
 
-  std::unique_ptr<erased_handler<std::error_code>> take(notice_op& n) {
+  template <class Handler>
+  completion_ptr make_completion(Handler&& handler) {
+    return shardline::detail::make_op<shardline::detail::erased_op<std::error_code>>(std::forward<Handler>(handler),
+                                                                                     ex_);
+  }
+
+  static void complete_op(completion_ptr h, std::error_code ec) { shardline::detail::complete_op(std::move(h), ec); }
+
+  completion_ptr take(notice_op& n) {
     n.slot.clear();
     n.slot = {};
     return std::move(n.handler);
@@ -367,59 +379,37 @@ private:
     notices_.clear();
     sent_ = 0;
     for (auto& n : pending)
-      if (n->handler) take(*n)->complete(ec);
+      if (n->handler) complete_op(take(*n), ec);
   }
 
   // Sends, in order, every notice whose earlier writes have all completed.
   void pump_notices() {
-    if (sending_ || closed_ || control_ec_) return;
+    if (closed_ || control_ec_) return;
     const std::uint64_t completed_below = active_.empty() ? next_seq_ : active_.front()->seq;
-    out_.clear();
-    std::size_t i = sent_;
-    for (; i < notices_.size() && notices_[i]->after <= completed_below; ++i)
-      out_.append(reinterpret_cast<const char*>(notices_[i]->frame.data()), notices_[i]->frame.size());
-    if (i == sent_) return;
-    sent_ = i;
-    sending_ = true;
-    asio::async_write(socket_, asio::buffer(out_),
-                      [w = this->weak_from_this(), this](std::error_code ec, std::size_t) {
-                        auto keep = w.lock();
-                        if (!keep) return;
-                        sending_ = false;
-                        if (ec) return control_failed(make_error_code(errc::peer_disconnected));
-                        pump_notices();
-                      });
+    for (; sent_ < notices_.size() && notices_[sent_]->after <= completed_below; ++sent_)
+      control_.send(notices_[sent_]->frame, notices_[sent_]->tag);
   }
 
-  // Reads the control socket for the connection's life: echoes complete notices; EOF means
-  // the receiver is gone, which fails what is outstanding now rather than after the QPs'
-  // retry timeout, and tells an idle sender too.
-  void start_read() {
-    if (reading_ || closed_ || control_ec_) return;
-    reading_ = true;
-    socket_.async_read_some(
-        asio::buffer(ack_.data() + ack_filled_, ack_.size() - ack_filled_),
-        [w = this->weak_from_this(), this](std::error_code ec, std::size_t n) {
-          auto keep = w.lock();
-          if (!keep) return;
-          reading_ = false;
-          if (closed_ || control_ec_) return;
-          if (ec) return control_failed(make_error_code(errc::peer_disconnected));
-          ack_filled_ += n;
-          if (ack_filled_ == ack_.size()) {
-            ack_filled_ = 0;
-            if (sent_ == 0 || notices_.front()->frame != ack_)
-              return control_failed(make_error_code(errc::protocol_error));
-            auto done = std::move(notices_.front());
-            notices_.pop_front();
-            --sent_;
-            if (done->handler) take(*done)->complete(std::error_code{});
-          }
-          start_read();
-          settle();
-        });
+public:
+  // ---- what shardline::detail::notice_link asks of its listener
+
+  // The oldest notice sent, the link checked the echo against it; one cancelled meanwhile
+  // has no handler left.
+  void notice_acknowledged(std::uint64_t tag) {
+    if (sent_ == 0 || notices_.front()->tag != tag) return control_failed(make_error_code(errc::protocol_error));
+    auto done = std::move(notices_.front());
+    notices_.pop_front();
+    --sent_;
+    if (done->handler) complete_op(take(*done), std::error_code{});
+    settle();
   }
 
+  // The control connection is over (the receiver left, or spoke garbage); the link also
+  // reads for an idle sender, so its end fails what is outstanding now rather than after the
+  // QPs' retry timeout.
+  void control_ended(std::error_code why) { control_failed(why); }
+
+private:
   // Keeps this state alive while work requests are outstanding: their completions still
   // come after the connection object is gone (closed).
   void settle() {
@@ -518,7 +508,7 @@ private:
   std::shared_ptr<device> device_;  // first: destroyed last
   std::unique_ptr<completion_queue<Mode, Executor>> cq_;
   std::vector<std::unique_ptr<queue_pair>> qps_;  // after cq_: destroyed before it
-  socket_type socket_;
+  shardline::detail::notice_link<socket_type, connection_state> control_;
   sender_identity who_;
   std::size_t max_write_ = 0;
   std::size_t cq_budget_ = 0;
@@ -535,17 +525,13 @@ private:
   std::uint64_t next_seq_ = 0;
   std::deque<std::unique_ptr<notice_op>> notices_;  // [0, sent_) sent, awaiting their echo
   std::size_t sent_ = 0;
-  std::string out_;
-  shardline::detail::notice_frame ack_{};
-  std::size_t ack_filled_ = 0;
+  std::uint64_t next_tag_ = 0;
   std::shared_ptr<connection_state> keep_;
   std::error_code cause_;
   std::error_code control_ec_;
   bool cause_from_wc_ = false;
   bool failed_ = false;
   bool closed_ = false;
-  bool reading_ = false;
-  bool sending_ = false;
   bool pumping_ = false;
   bool pump_pending_ = false;
 };

@@ -3,10 +3,12 @@
 #pragma once
 
 #include <shardline/transport/detail/control.hpp>
+#include <shardline/transport/detail/control_link.hpp>
+#include <shardline/transport/detail/erased_op.hpp>
+#include <shardline/transport/detail/expose.hpp>
 #include <shardline/error.hpp>
 #include <shardline/memory.hpp>
 #include <shardline/transport/concepts.hpp>
-#include <shardline/transport/verbs/detail/handler.hpp>
 #include <shardline/transport/verbs/detail/handles.hpp>
 #include <shardline/transport/verbs/device.hpp>
 #include <shardline/transport/verbs/memory_region.hpp>
@@ -24,8 +26,6 @@
 #include <asio/write.hpp>
 
 #include <infiniband/verbs.h>
-#include <poll.h>
-#include <sys/socket.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -45,12 +45,13 @@ class receiver_state final
 public:
   using socket_type = asio::basic_stream_socket<asio::ip::tcp, Executor>;
   using acceptor_type = asio::basic_socket_acceptor<asio::ip::tcp, Executor>;
-  using waiter = erased_handler<std::error_code, notice>;
+  using waiter = shardline::detail::erased_op<std::error_code, notice>;
+  using waiter_ptr = shardline::detail::op_ptr<waiter>;
 
   // One sender, from its TCP accept on. Writes land through its QPs; it never posts
   // anything itself, so its CQ is never polled.
-  struct peer {
-    explicit peer(const Executor& ex) : socket(ex) {}
+  struct peer : shardline::detail::notice_source<socket_type> {
+    explicit peer(const Executor& ex) : shardline::detail::notice_source<socket_type>(socket_type(ex)) {}
 
     void init(const std::shared_ptr<device>& dev, std::size_t count) {
       device_ = dev;
@@ -65,35 +66,17 @@ public:
       }
     }
 
-    // The other end is gone and nothing it sent is left unread: the next read is its end.
-    bool ended() {
-      char byte;
-      ssize_t n;
-      do n = ::recv(socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
-      while (n < 0 && errno == EINTR);
-      return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK);
-    }
-
-    // The other end hung up, though notices it sent before may still be unread.
-    bool hung_up() {
-      ::pollfd p{socket.native_handle(), POLLRDHUP, 0};
-      return ::poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR));
-    }
-
     // Releases the verbs objects now; the peer itself may live on in a pending handler.
     void release() noexcept {
       qps.clear();
       cq.reset();
     }
 
-    socket_type socket;
     std::shared_ptr<device> device_;  // before cq: destroyed after it
     cq_handle cq;
     std::vector<std::unique_ptr<queue_pair>> qps;  // after cq: destroyed first
-    std::uint32_t sender = 0;
     bool claimed = false;  // admitted: its id is taken until it leaves
     bool serving = false;  // connected: its notices are read
-    shardline::detail::notice_frame frame{};  // the notice read last, echoed as its ack
   };
 
   receiver_state(const Executor& ex, std::shared_ptr<device> dev, const options& o,
@@ -134,31 +117,24 @@ public:
 
   // Inside an arena: its rkey. Elsewhere: a region of its own over exactly those bytes,
   // remote write only (never remote read), kept until this state goes.
-  void expose(exposure e) {
-    std::uint32_t key = 0;
+  void expose(exposure e, memory_kinds kinds) {
+    const shardline::detail::exposer who{"verbs receiver", "the verbs transport", kinds};
     std::optional<memory_region> adopted;
-    const auto in = std::find_if(arenas_.begin(), arenas_.end(), [&](const arena& a) {
-      return a.mr.region().contains(e.bytes.data(), e.bytes.size());
-    });
-    if (in != arenas_.end()) {
-      key = in->mr.rkey();
-    } else if (!e.bytes.empty()) {
+    shardline::detail::expose_region(table_, std::move(e), who, [&](const exposure& x) -> std::uint32_t {
+      const auto in = std::find_if(arenas_.begin(), arenas_.end(), [&](const arena& a) {
+        return a.mr.region().contains(x.bytes.data(), x.bytes.size());
+      });
+      if (in != arenas_.end()) return in->mr.rkey();
+      if (x.bytes.empty()) return 0;
       try {
-        adopted.emplace(device_, e.bytes, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
-      } catch (const error& x) {
-        throw error(x.code(), "verbs receiver: region '" + e.name + "' (" +
-                                  std::to_string(e.bytes.size()) +
-                                  " bytes outside every allocate()d arena) cannot be registered: " +
-                                  x.what());
+        adopted.emplace(device_, x.bytes, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+      } catch (const error& failure) {
+        throw error(failure.code(), who.region(x.name) + " (" + std::to_string(x.bytes.size()) +
+                                        " bytes outside every allocate()d arena) cannot be registered: " +
+                                        failure.what());
       }
-      key = adopted->rkey();
-    }
-    try {
-      table_.add({e.name, reinterpret_cast<std::uintptr_t>(e.bytes.data()), e.bytes.size(), key,
-                  e.location, std::move(e.layout)});
-    } catch (const error& x) {
-      throw error(x.code(), std::string("verbs receiver: ") + x.what());
-    }
+      return adopted->rkey();
+    });
     if (adopted) adopted_.push_back(std::move(*adopted));
   }
 
@@ -182,11 +158,13 @@ public:
     });
     if (twin == peers_.end()) return {};
     const auto o = *twin;
-    if (o->serving && o->ended()) {
-      drop(o, make_error_code(errc::peer_disconnected));
-      return {};
-    }
-    retry = o->serving && o->hung_up();
+    if (o->serving) switch (shardline::detail::probe_predecessor(o->socket.native_handle())) {
+        case shardline::detail::predecessor::gone:
+          drop(o, make_error_code(errc::peer_disconnected));
+          return {};
+        case shardline::detail::predecessor::leaving: retry = true; break;
+        case shardline::detail::predecessor::alive: break;
+      }
     return make_error_code(errc::invalid_argument);  // sender `who` is already connected
   }
 
@@ -208,20 +186,41 @@ public:
   // The handshake is done: from now on its notices are read.
   void serve(const std::shared_ptr<peer>& p) {
     p->serving = true;
-    read_notice(p);
+    shardline::detail::serve_notices(this->weak_from_this(), p);
   }
+
+  // ---- what shardline::detail::serve_notices asks of its listener
+
+  bool serving(const peer& p) const noexcept { return !closed_ && p.serving; }
+
+  // Handed to a waiter or queued: echoed now when this process holds it (taken, or queued
+  // within depth_); past depth_ once a wait takes it.
+  bool notice_arrived(const std::shared_ptr<peer>& p, notice n) {
+    if (!waiters_.empty()) {
+      shardline::detail::complete_op(pop_waiter(), std::error_code{}, n);
+      return true;
+    }
+    if (notices_.size() >= depth_) {
+      notices_.push_back({{}, n, p});
+      return false;
+    }
+    notices_.push_back({{}, n, nullptr});
+    return true;
+  }
+
+  void sender_left(const std::shared_ptr<peer>& p, std::error_code why) { drop(p, why); }
 
   // ---- notices ----------------------------------------------------------------------------
 
   template <class Handler>
   void start_wait(Handler&& handler) {
     auto slot = asio::get_associated_cancellation_slot(handler);
-    auto h = erase_handler<std::error_code, notice>(std::forward<Handler>(handler), ex_);
-    if (closed_) return h->complete(make_error_code(errc::not_connected), notice{});
+    auto h = shardline::detail::make_op<waiter>(std::forward<Handler>(handler), ex_);
+    if (closed_) return shardline::detail::complete_op(std::move(h), make_error_code(errc::not_connected), notice{});
     if (!notices_.empty()) {
       auto e = std::move(notices_.front());
       notices_.pop_front();
-      h->complete(e.ec, e.n);
+      shardline::detail::complete_op(std::move(h), e.ec, e.n);
       if (e.owed) ack(e.owed);
       return ack_within_depth();
     }
@@ -246,7 +245,7 @@ public:
         auto h = std::move(it->handler);
         it->slot.clear();
         waiters_.erase(it);
-        h->complete(asio::error::operation_aborted, notice{});
+        shardline::detail::complete_op(std::move(h), asio::error::operation_aborted, notice{});
         return;
       }
   }
@@ -262,42 +261,14 @@ public:
       p->socket.close(ignored);
     }
     notices_.clear();
-    while (!waiters_.empty()) pop_waiter()->complete(asio::error::operation_aborted, notice{});
+    while (!waiters_.empty())
+      shardline::detail::complete_op(pop_waiter(), asio::error::operation_aborted, notice{});
   }
 
 private:
-  // One frame at a time per sender: read it, hand it to a waiter or queue it, echo it once
-  // this process holds it (taken, or queued within depth_), then read the next.
-  void read_notice(std::shared_ptr<peer> p) {
-    asio::async_read(p->socket, asio::buffer(p->frame),
-                     [w = this->weak_from_this(), p](std::error_code ec, std::size_t) {
-                       auto s = w.lock();
-                       if (!s || s->closed_ || !p->serving) return;
-                       if (ec) return s->drop(p, make_error_code(errc::peer_disconnected));
-                       notice n;
-                       if (auto bad = shardline::detail::decode_notice(p->frame, p->sender, n))
-                         return s->drop(p, bad);
-                       if (!s->waiters_.empty()) {
-                         s->pop_waiter()->complete({}, n);
-                       } else if (s->notices_.size() >= s->depth_) {
-                         s->notices_.push_back({{}, n, p});  // acknowledged when taken
-                         return;
-                       } else {
-                         s->notices_.push_back({{}, n, nullptr});
-                       }
-                       s->ack(p);
-                     });
-  }
-
   void ack(std::shared_ptr<peer> p) {
     if (!p->serving) return;
-    asio::async_write(p->socket, asio::buffer(p->frame),
-                      [w = this->weak_from_this(), p](std::error_code ec, std::size_t) {
-                        auto s = w.lock();
-                        if (!s || s->closed_ || !p->serving) return;
-                        if (ec) return s->drop(p, make_error_code(errc::peer_disconnected));
-                        s->read_notice(p);
-                      });
+    shardline::detail::acknowledge_notice(this->weak_from_this(), std::move(p));
   }
 
   // A notice taken from the queue made room: those now within depth_ are held here.
@@ -312,7 +283,7 @@ private:
     p->serving = false;
     forget(p);
     const notice left{p->sender, notice_kind::abort, 0};
-    if (!waiters_.empty()) return pop_waiter()->complete(why, left);
+    if (!waiters_.empty()) return shardline::detail::complete_op(pop_waiter(), why, left);
     notices_.push_back({why, left, nullptr});
   }
 
@@ -321,7 +292,7 @@ private:
     memory_region mr;
   };
   struct pending {
-    std::unique_ptr<waiter> handler;
+    waiter_ptr handler;
     asio::cancellation_slot slot;
   };
   struct entry {
@@ -330,7 +301,7 @@ private:
     std::shared_ptr<peer> owed;  // the sender whose ack waits until this one is held
   };
 
-  std::unique_ptr<waiter> pop_waiter() {
+  waiter_ptr pop_waiter() {
     auto p = std::move(waiters_.front());
     waiters_.pop_front();
     if (p.slot.is_connected()) p.slot.clear();

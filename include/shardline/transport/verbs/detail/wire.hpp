@@ -11,8 +11,6 @@
 #include <shardline/error.hpp>
 #include <shardline/transport/verbs/queue_pair.hpp>
 
-#include <asio/error.hpp>
-
 #include <infiniband/verbs.h>
 
 #include <cstddef>
@@ -61,14 +59,6 @@ inline std::vector<qp_endpoint> decode_qps(std::string_view b, std::size_t n) {
     in.read(q.psn);
   }
   return v;
-}
-
-/// A handshake's socket error as the caller sees it: the peer closing or resetting the
-/// connection is errc::peer_disconnected (as shm reports it); anything else as it is.
-inline std::error_code handshake_error(std::error_code ec) noexcept {
-  if (ec == asio::error::eof || ec == std::errc::connection_reset || ec == std::errc::broken_pipe)
-    return make_error_code(errc::peer_disconnected);
-  return ec;
 }
 
 }  // namespace shardline::verbs::detail

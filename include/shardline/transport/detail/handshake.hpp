@@ -1,0 +1,272 @@
+// shardline/transport/detail/handshake.hpp: the handshake every transport with a control
+// socket runs (shm over a Unix socket, verbs over TCP), as two composed operations over any
+// stream socket, each bounded by one deadline:
+//   sender:   connect, hello ->, <- verdict, then the transport's own exchange;
+//   receiver: accept, <- hello, judge it, verdict ->, then the transport's own exchange.
+// Frames are transport/detail/control.hpp's; nothing here allocates from a length the peer
+// chose. What a later protocol adds to every transport (a challenge before the verdict, say)
+// goes into these two operations.
+#pragma once
+
+#include <shardline/error.hpp>
+#include <shardline/transport/concepts.hpp>
+#include <shardline/transport/detail/control.hpp>
+
+#include <asio/basic_waitable_timer.hpp>
+#include <asio/buffer.hpp>
+#include <asio/cancellation_type.hpp>
+#include <asio/compose.hpp>
+#include <asio/error.hpp>
+#include <asio/post.hpp>
+#include <asio/read.hpp>
+#include <asio/write.hpp>
+
+#include <array>
+#include <chrono>
+#include <memory>
+#include <string_view>
+#include <system_error>
+#include <utility>
+
+namespace shardline::detail {
+
+using verdict_frame = std::array<std::byte, verdict_bytes>;
+
+/// A handshake's socket error as its caller sees it: every way of seeing the peer go
+/// (end of file, reset, broken pipe) is errc::peer_disconnected; anything else as it is.
+/// Other errors keep their category (callers compare with Asio's codes, e.g. timed_out).
+inline std::error_code handshake_error(std::error_code ec) noexcept {
+  // Asio's "asio.system" category knows no std::errc equivalents: compare in the system one.
+  const std::error_code sys =
+      ec.category() == asio::error::get_system_category() ? std::error_code(ec.value(), std::system_category()) : ec;
+  if (ec == asio::error::eof || sys == std::errc::connection_reset || sys == std::errc::broken_pipe)
+    return make_error_code(errc::peer_disconnected);
+  return ec;
+}
+
+/// What the receiver's judge says of a hello it could parse: admitted (no refusal), refused,
+/// or, with `retry`, "ask again after the event loop had a turn" (a predecessor of the same
+/// sender still has unread notices); a judge asked too often gets its refusal.
+struct judgement {
+  std::error_code refusal;
+  bool retry = false;
+};
+
+/// How often a receiver's handshake asks a judge again that said `retry`.
+inline constexpr unsigned max_judge_retries = 64;
+
+/// One handshake's deadline and frames, at a stable address while the operation moves.
+/// When the deadline passes the socket is closed: the pending step fails, and the handshake
+/// reports asio::error::timed_out instead of that failure.
+template <class Socket>
+class handshake_state {
+  using timer_type = asio::basic_waitable_timer<std::chrono::steady_clock,
+                                                asio::wait_traits<std::chrono::steady_clock>,
+                                                typename Socket::executor_type>;
+  struct clock {
+    bool expired = false;
+    bool over = false;
+  };
+
+public:
+  explicit handshake_state(std::shared_ptr<Socket> s) : socket(std::move(s)), timer_(socket->get_executor()) {}
+
+  void arm(std::chrono::steady_clock::duration timeout) {
+    timer_.expires_after(timeout);
+    timer_.async_wait([c = clock_, w = std::weak_ptr<Socket>(socket)](std::error_code ec) {
+      if (ec || c->over) return;
+      c->expired = true;
+      if (auto s = w.lock()) {
+        std::error_code ignored;
+        s->close(ignored);
+      }
+    });
+  }
+
+  // The result the caller sees; a failed handshake leaves the socket closed.
+  std::error_code end(std::error_code ec) {
+    clock_->over = true;
+    timer_.cancel();
+    if (clock_->expired) ec = asio::error::timed_out;
+    else ec = handshake_error(ec);
+    if (ec) {
+      std::error_code ignored;
+      socket->close(ignored);
+    }
+    return ec;
+  }
+
+  std::shared_ptr<Socket> socket;
+  hello_frame hello{};
+  verdict_frame verdict{};
+  sender_identity who;
+  std::error_code refusal;
+
+private:
+  timer_type timer_;
+  // Shared with the timer's handler, which may run after the handshake ended.
+  std::shared_ptr<clock> clock_ = std::make_shared<clock>();
+};
+
+// The error a handshake step resumes with: its own, or operation_aborted once the handler's
+// slot emitted a cancellation. Any type ends a handshake (there is no partial result worth
+// keeping), so the first step lets every type through. (Asio 1.22's composed_op keeps
+// cancelled() protected; its state is public.)
+template <class Self>
+std::error_code handshake_step(Self& self, std::error_code ec, bool first) {
+  if (first) self.reset_cancellation_state(asio::enable_total_cancellation());
+  else if (!ec && self.get_cancellation_state().cancelled() != asio::cancellation_type::none)
+    ec = asio::error::operation_aborted;
+  return ec;
+}
+
+template <class Socket, class Exchange>
+struct sender_handshake_op {
+  enum class step { start, connected, hello_sent, verdict_read, exchanged };
+
+  std::unique_ptr<handshake_state<Socket>> d;
+  typename Socket::endpoint_type peer;
+  std::chrono::steady_clock::duration timeout;
+  Exchange exchange;
+  step at = step::start;
+
+  template <class Self>
+  void operator()(Self& self, std::error_code ec = {}, std::size_t = 0) {
+    ec = handshake_step(self, ec, at == step::start);
+    switch (at) {
+      case step::start:
+        d->arm(timeout);
+        at = step::connected;
+        return d->socket->async_connect(peer, std::move(self));
+      case step::connected:
+        if (ec) return finish(self, ec);
+        at = step::hello_sent;
+        return asio::async_write(*d->socket, asio::buffer(d->hello), std::move(self));
+      case step::hello_sent:
+        if (ec) return finish(self, ec);
+        at = step::verdict_read;
+        return asio::async_read(*d->socket, asio::buffer(d->verdict), std::move(self));
+      case step::verdict_read: {
+        if (ec) return finish(self, ec);
+        if (auto refusal = decode_verdict(d->verdict)) return finish(self, refusal);
+        at = step::exchanged;
+        auto x = exchange;  // `self` (and this op with it) moves into the exchange
+        return x(*d->socket, std::move(self));
+      }
+      case step::exchanged:
+        return finish(self, ec);
+    }
+  }
+
+  template <class Self>
+  void finish(Self& self, std::error_code ec) {
+    ec = d->end(ec);
+    self.complete(ec);
+  }
+};
+
+/// The sender's handshake on `socket` (owned by the caller; an aliasing shared_ptr into the
+/// caller's state is fine): connects to `peer`, says hello as `who` in `magic`'s dialect,
+/// reads the verdict and, when admitted, runs `exchange(socket, handler)`, the transport's
+/// own part, an asynchronous operation completing with void(std::error_code). All of it is
+/// bounded by `timeout`. Completion void(std::error_code): the receiver's refusal, a socket
+/// error (errc::peer_disconnected for the peer going), asio::error::timed_out, the
+/// exchange's error, or operation_aborted when the handler's slot emits any cancellation.
+/// The handler's executor, allocator and cancellation slot are the handshake's (async_compose).
+template <class Socket, class Exchange, class Token>
+auto async_handshake_as_sender(std::shared_ptr<Socket> socket, typename Socket::endpoint_type peer,
+                               std::string_view magic, const sender_identity& who,
+                               std::chrono::steady_clock::duration timeout, Exchange exchange, Token&& token) {
+  auto d = std::make_unique<handshake_state<Socket>>(socket);
+  d->hello = encode_hello(magic, who);
+  d->who = who;
+  auto ex = socket->get_executor();
+  return asio::async_compose<Token, void(std::error_code)>(
+      sender_handshake_op<Socket, Exchange>{std::move(d), std::move(peer), timeout, std::move(exchange)}, token,
+      ex);
+}
+
+template <class Acceptor, class Socket, class Hooks>
+struct receiver_handshake_op {
+  enum class step { start, accepted, hello_read, judged, verdict_sent, exchanged };
+
+  Acceptor* acceptor;
+  std::unique_ptr<handshake_state<Socket>> d;
+  std::string_view magic;
+  std::chrono::steady_clock::duration timeout;
+  Hooks hooks;
+  step at = step::start;
+  unsigned retries = 0;
+
+  template <class Self>
+  void operator()(Self& self, std::error_code ec = {}, std::size_t = 0) {
+    ec = handshake_step(self, ec, at == step::start);
+    switch (at) {
+      case step::start:
+        at = step::accepted;
+        return acceptor->async_accept(*d->socket, std::move(self));
+      case step::accepted:
+        if (ec) return finish(self, ec);
+        // The deadline starts once a peer is there: a slow one cannot hold up those behind it,
+        // and an idle listener never times out.
+        d->arm(timeout);
+        at = step::hello_read;
+        return asio::async_read(*d->socket, asio::buffer(d->hello), std::move(self));
+      case step::hello_read:
+        if (ec) return finish(self, ec);
+        d->refusal = decode_hello(magic, d->hello, d->who);
+        at = step::judged;
+        [[fallthrough]];
+      case step::judged: {
+        if (ec) return finish(self, ec);
+        if (!d->refusal) {
+          const judgement j = hooks.judge(d->who);
+          if (j.retry && retries++ < max_judge_retries)
+            return asio::post(d->socket->get_executor(), std::move(self));
+          d->refusal = j.refusal;
+        }
+        d->verdict = encode_verdict(d->refusal);
+        at = step::verdict_sent;
+        return asio::async_write(*d->socket, asio::buffer(d->verdict), std::move(self));
+      }
+      case step::verdict_sent: {
+        // A refused peer reads its verdict, then end of file.
+        if (d->refusal) return finish(self, d->refusal);
+        if (ec) return finish(self, ec);
+        at = step::exchanged;
+        auto x = hooks;  // `self` (and this op with it) moves into the exchange
+        return x(*d->socket, d->who, std::move(self));
+      }
+      case step::exchanged:
+        return finish(self, ec);
+    }
+  }
+
+  template <class Self>
+  void finish(Self& self, std::error_code ec) {
+    ec = d->end(ec);
+    const sender_identity who = d->who;
+    self.complete(ec, who);
+  }
+};
+
+/// The receiver's handshake: accepts one peer from `acceptor` into `socket`, reads its
+/// hello in `magic`'s dialect, asks `hooks.judge(identity)` (a judgement), answers with the
+/// verdict and, when admitted, runs `hooks(socket, identity, handler)`, the transport's own
+/// part, completing with void(std::error_code). Everything after the accept is bounded by
+/// `timeout`. Completion void(std::error_code, sender_identity), the identity as the hello
+/// said (zero when it did not parse): errc::protocol_error or protocol_version_mismatch for
+/// a hello that is not one, the judge's refusal, a socket error (errc::peer_disconnected for
+/// the peer going), asio::error::timed_out, the exchange's error, or operation_aborted when
+/// the handler's slot emits any cancellation. A failed handshake leaves the socket closed.
+template <class Acceptor, class Socket, class Hooks, class Token>
+auto async_handshake_as_receiver(Acceptor& acceptor, std::shared_ptr<Socket> socket, std::string_view magic,
+                                 std::chrono::steady_clock::duration timeout, Hooks hooks, Token&& token) {
+  auto ex = socket->get_executor();
+  return asio::async_compose<Token, void(std::error_code, sender_identity)>(
+      receiver_handshake_op<Acceptor, Socket, Hooks>{
+          &acceptor, std::make_unique<handshake_state<Socket>>(std::move(socket)), magic, timeout, std::move(hooks)},
+      token, ex);
+}
+
+}  // namespace shardline::detail
