@@ -6,6 +6,7 @@
 #include <shardline/error.hpp>
 #include <shardline/memory.hpp>
 #include <shardline/transport/concepts.hpp>
+#include <shardline/transport/detail/expose.hpp>
 
 #include <asio/any_io_executor.hpp>
 #include <asio/associator.hpp>
@@ -110,9 +111,10 @@ public:
     /// own (adopted) tensors. Throws shardline::error naming the region for another memory
     /// kind (errc::unsupported_memory), a name given twice or an overlap (invalid_argument).
     void expose(exposure e) {
-      require_kind(destination_kinds, e.location, "the loopback transport", "region '" + e.name + "'");
-      state_->table.add({std::move(e.name), reinterpret_cast<std::uintptr_t>(e.bytes.data()),
-                         e.bytes.size(), 0, e.location, std::move(e.layout)});
+      // In-process memory needs no key: every region's is 0.
+      detail::expose_region(state_->table, std::move(e),
+                            {"loopback receiver", "the loopback transport", destination_kinds},
+                            [](const exposure&) { return 0u; });
     }
     void expose(std::string name, std::span<std::byte> bytes) { expose({std::move(name), bytes}); }
 
