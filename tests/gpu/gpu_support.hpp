@@ -11,6 +11,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <string>
 
 namespace gpu_test {
@@ -52,6 +53,21 @@ void run_until(asio::io_context& io, Predicate done, std::chrono::milliseconds l
 /// Runs one child scenario (`shardline_gpu_tests --child NAME`, in test_cuda_async_wait.cpp);
 /// its exit status tells the parent the outcome, its stdout the details.
 int run_child(const std::string& name);
+
+/// Child scenarios a test file registers for itself (`--child NAME:ARGUMENT` runs
+/// `scenario(ARGUMENT)` and exits with its result): processes that must start without the
+/// parent's CUDA state, such as the other side of a CUDA IPC link (CUDA forbids using it in a
+/// child forked after initialisation).
+using child_scenario = int (*)(const std::string& argument);
+
+inline std::map<std::string, child_scenario>& child_scenarios() {
+  static std::map<std::string, child_scenario> registry;
+  return registry;
+}
+
+struct register_child {
+  register_child(const std::string& name, child_scenario scenario) { child_scenarios()[name] = scenario; }
+};
 
 /// Runs this executable with `--child name` and returns its exit status (-1 if it did not
 /// exit normally), its stdout and stderr in `output`.

@@ -8,6 +8,8 @@
 //                                  and a line says so
 //   shardline_gpu_tests --child NAME   internal: one scenario that must not run in the test
 //                                  process (it faults the device), see gpu_support.hpp
+//   shardline_gpu_tests --child NAME:ARG   internal: a scenario a test file registered
+//                                  (gpu_test::register_child), e.g. a CUDA IPC receiver
 // Any other argument goes to doctest.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
@@ -22,7 +24,14 @@
 #include <vector>
 
 int main(int argc, char** argv) {
-  if (argc == 3 && std::strcmp(argv[1], "--child") == 0) return gpu_test::run_child(argv[2]);
+  if (argc == 3 && std::strcmp(argv[1], "--child") == 0) {
+    const std::string spec = argv[2];
+    const auto colon = spec.find(':');
+    const auto it = gpu_test::child_scenarios().find(spec.substr(0, colon));
+    if (it != gpu_test::child_scenarios().end())
+      return it->second(colon == std::string::npos ? std::string() : spec.substr(colon + 1));
+    return gpu_test::run_child(spec);
+  }
 
   enum class mode { all, gpu, no_gpu } m = mode::all;
   std::vector<char*> args;

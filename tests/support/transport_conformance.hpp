@@ -98,6 +98,27 @@ inline bool all_zero(std::span<const std::byte> s) {
   return true;
 }
 
+// The bytes of receiver memory `s` as the host reads them: the fixture's host_copy(s) where it
+// has one (a transport whose receivers expose device memory), `s` itself otherwise.
+template <class F>
+std::vector<std::byte> host_bytes(F& f, std::span<const std::byte> s) {
+  if constexpr (requires { f.host_copy(s); })
+    return f.host_copy(s);
+  else
+    return {s.begin(), s.end()};
+}
+
+// A source registered with the transport: the fixture's register_source(bytes) where it has
+// one (a transport that cannot read pageable host memory pins it there), otherwise
+// transport.register_memory(bytes).
+template <class F>
+auto register_source(F& f, std::span<std::byte> bytes) {
+  if constexpr (requires { f.register_source(bytes); })
+    return f.register_source(bytes);
+  else
+    return f.transport.register_memory(bytes);
+}
+
 // The shardline::error `f` throws: its code and what(); nothing when it does not throw.
 template <class F>
 std::optional<std::pair<std::error_code, std::string>> thrown_by(F&& f) {
@@ -135,6 +156,12 @@ inline bool mentions(std::string_view text, std::string_view word) { return text
 // expose, admit), always before the first connect: a transport may hand its table over then.
 // Sources are registered with transport.register_memory and requests made with make_write,
 // so that a transport with real keys (verbs: lkey, rkey) gets them right.
+//
+// Receivers whose memory the host cannot read in place (device memory) add
+//   std::vector<std::byte> host_copy(std::span<const std::byte>);   the bytes, copied back
+// and transports that cannot read pageable host memory add
+//   R register_source(std::span<std::byte>);   R has region(), as a registration does
+// (see host_bytes and register_source below); host transports need neither.
 //
 // Every fixture also has `static bool usable()`: false where its transport cannot run here (verbs
 // without an RDMA device), and each case then returns at once, having said why.
@@ -213,7 +240,7 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: a notice after a completed wri
   ep.rx.expose("layers.0.mlp.gate_up", arena.first(48 << 10));
   auto conn = connect_ok(f, ep, {3, 0});
   auto src = patterned(48 << 10, 1);
-  auto reg = f.transport.register_memory(src);
+  auto reg = register_source(f, src);
   const std::vector batch{sl::make_write(reg.region(), src, remote(conn, "layers.0.mlp.gate_up"))};
   REQUIRE(write(f, conn, batch) == success);
 
@@ -225,7 +252,7 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: a notice after a completed wri
   outcome<std::error_code, sl::notice> got;
   bool bytes_there = false;
   ep.rx.async_wait_notification([&, v = got.value](std::error_code ec, sl::notice n) {
-    bytes_there = holds_pattern(arena.first(48 << 10), 1);  // checked in the handler itself
+    bytes_there = holds_pattern(host_bytes(f, arena.first(48 << 10)), 1);  // checked in the handler itself
     v->emplace(ec, n);
   });
   REQUIRE(drive(f.io, [&] { return got.ready() && notified.ready(); }));
@@ -233,7 +260,7 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: a notice after a completed wri
   CHECK(std::get<1>(got.get()) == sl::notice{3, sl::notice_kind::commit, 1});
   CHECK_MESSAGE(bytes_there, "the notice arrived before its write's bytes were visible");
   CHECK(notified.code() == success);
-  CHECK(all_zero(arena.subspan(48 << 10)));
+  CHECK(all_zero(host_bytes(f, arena.subspan(48 << 10))));
 }
 
 TEST_CASE_TEMPLATE_DEFINE("transport conformance: one sender's notices arrive in order, kind, version and sender intact",
@@ -278,7 +305,7 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: a batch with a request outside
   const auto& q = remote(conn, "layers.0.q");
   const auto& k = remote(conn, "layers.0.k");
   auto src = patterned(2048, 2);
-  auto reg = f.transport.register_memory(src);
+  auto reg = register_source(f, src);
   const auto region = reg.region();
   const std::span<const std::byte> all(src);
 
@@ -286,20 +313,20 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: a batch with a request outside
     const std::vector batch{sl::make_write(region, all.first(1024), q),
                             sl::make_write(region, all.first(16), k, k.length + 512)};
     CHECK(write(f, conn, batch) == sl::make_error_code(sl::errc::region_not_exposed));
-    CHECK_MESSAGE(all_zero(arena), "a failed batch wrote its valid request");
+    CHECK_MESSAGE(all_zero(host_bytes(f, arena)), "a failed batch wrote its valid request");
   }
   SUBCASE("a request running past the last exposed byte, after a valid one") {
     const std::vector batch{sl::make_write(region, all.first(1024), q),
                             sl::make_write(region, all.first(64), k, k.length - 32)};
     CHECK(write(f, conn, batch) == sl::make_error_code(sl::errc::region_not_exposed));
-    CHECK_MESSAGE(all_zero(arena), "a failed batch wrote its valid request");
+    CHECK_MESSAGE(all_zero(host_bytes(f, arena)), "a failed batch wrote its valid request");
   }
   SUBCASE("one request over q and k (a coalesced write) lands") {
     REQUIRE(q.address + q.length == k.address);
     const std::vector batch{sl::make_write(region, all, q)};
     CHECK(write(f, conn, batch) == success);
-    CHECK(holds_pattern(arena.first(2048), 2));
-    CHECK(all_zero(arena.subspan(2048)));
+    CHECK(holds_pattern(host_bytes(f, arena.first(2048)), 2));
+    CHECK(all_zero(host_bytes(f, arena.subspan(2048))));
   }
   CHECK(conn.is_open());
 }
@@ -317,7 +344,7 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: a write cancelled before it ru
   ep.rx.expose("b", arena.subspan(4096));
   auto conn = connect_ok(f, ep, {1, 0});
   auto src = patterned(4096, 3);
-  auto reg = f.transport.register_memory(src);
+  auto reg = register_source(f, src);
   const std::vector to_a{sl::make_write(reg.region(), src, remote(conn, "a"))};
   const std::vector to_b{sl::make_write(reg.region(), src, remote(conn, "b"))};
 
@@ -331,10 +358,10 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: a write cancelled before it ru
   REQUIRE(drive(f.io, [&] { return cancelled.ready(); }));
   if (F::cancels_queued_writes) {
     CHECK(cancelled.code() == asio::error::operation_aborted);
-    CHECK_MESSAGE(all_zero(arena.first(4096)), "an aborted write moved bytes");
+    CHECK_MESSAGE(all_zero(host_bytes(f, arena.first(4096))), "an aborted write moved bytes");
   } else {
     CHECK(cancelled.code() == success);
-    CHECK(holds_pattern(arena.first(4096), 3));
+    CHECK(holds_pattern(host_bytes(f, arena.first(4096)), 3));
   }
   CHECK(conn.is_open());
 
@@ -346,7 +373,7 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: a write cancelled before it ru
   REQUIRE(drive(f.io, [&] { return begun.ready(); }));
   CHECK(begun.code() == success);
   CHECK(write(f, conn, to_b) == success);
-  CHECK(holds_pattern(arena.subspan(4096), 3));
+  CHECK(holds_pattern(host_bytes(f, arena.subspan(4096)), 3));
 }
 
 TEST_CASE_TEMPLATE_DEFINE("transport conformance: a notice cancelled while unacknowledged completes with operation_aborted, and the connection goes on",
@@ -392,7 +419,7 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: after close() writes and notic
   ep.rx.expose("w", arena);
   auto conn = connect_ok(f, ep, {4, 0});
   auto src = patterned(4096, 4);
-  auto reg = f.transport.register_memory(src);
+  auto reg = register_source(f, src);
   const std::vector batch{sl::make_write(reg.region(), src, remote(conn, "w"))};
   REQUIRE(notify(f, conn, sl::notice_kind::begin, 1) == success);
   CHECK(conn.is_open());
@@ -401,7 +428,7 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: after close() writes and notic
   CHECK_FALSE(conn.is_open());
   CHECK(write(f, conn, batch) == sl::make_error_code(sl::errc::not_connected));
   CHECK(notify(f, conn, sl::notice_kind::commit, 1) == sl::make_error_code(sl::errc::not_connected));
-  CHECK(all_zero(arena));
+  CHECK(all_zero(host_bytes(f, arena)));
 
   auto first = next_notice(f, ep);
   REQUIRE(first);
@@ -422,7 +449,7 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: close() completes the operatio
   ep.rx.expose("w", arena);
   auto conn = connect_ok(f, ep, {5, 0});
   auto src = patterned(4096, 5);
-  auto reg = f.transport.register_memory(src);
+  auto reg = register_source(f, src);
   const std::vector batch{sl::make_write(reg.region(), src, remote(conn, "w"))};
   op_outcome written, notified;
   conn.async_write(batch, written.handler());
@@ -455,7 +482,7 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: a receiver that dies fails the
   ep.rx.expose("w", arena);
   auto conn = connect_ok(f, ep, {2, 0});
   auto src = patterned(4096, 6);
-  auto reg = f.transport.register_memory(src);
+  auto reg = register_source(f, src);
   const std::vector batch{sl::make_write(reg.region(), src, remote(conn, "w"))};
   REQUIRE(write(f, conn, batch) == success);
 
@@ -491,7 +518,7 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: after a region_not_exposed fai
   ep.rx.expose("third", arena.subspan(2048, 1024));
   auto conn = connect_ok(f, ep, {6, 0});
   auto src = patterned(1024, 7);
-  auto reg = f.transport.register_memory(src);
+  auto reg = register_source(f, src);
   const auto& first = remote(conn, "first");
   const auto& third = remote(conn, "third");
   const std::vector outside{sl::make_write(reg.region(), src, third, 512)};  // runs off the table's end
@@ -511,7 +538,7 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: after a region_not_exposed fai
   CHECK(e->n == sl::notice{6, sl::notice_kind::commit, 1});
   REQUIRE(drive(f.io, [&] { return ack1.ready(); }));
   CHECK(ack1.code() == success);
-  CHECK(holds_pattern(arena.subspan(0, 1024), 7));
+  CHECK(holds_pattern(host_bytes(f, arena.subspan(0, 1024)), 7));
 
   // 2. A cancelled write (held behind a notice where writes queue).
   op_outcome ack2, cancelled;
@@ -537,8 +564,8 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: after a region_not_exposed fai
   CHECK(e->n == sl::notice{6, sl::notice_kind::commit, 2});
   REQUIRE(drive(f.io, [&] { return ack3.ready(); }));
   CHECK(ack3.code() == success);
-  CHECK(holds_pattern(arena.subspan(2048, 1024), 7));
-  CHECK(holds_pattern(arena.subspan(1024, 1024), 7) == !F::cancels_queued_writes);
+  CHECK(holds_pattern(host_bytes(f, arena.subspan(2048, 1024)), 7));
+  CHECK(holds_pattern(host_bytes(f, arena.subspan(1024, 1024)), 7) == !F::cancels_queued_writes);
 }
 
 TEST_CASE_TEMPLATE_DEFINE("transport conformance: duplicate names and overlapping regions are refused by expose, naming both",
@@ -594,7 +621,7 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: several senders on one receive
   for (unsigned s = 0; s < 3; ++s) sources.push_back(patterned(part, 10 + s));
   std::vector<op_outcome> acks(3);
   for (std::uint32_t s = 0; s < 3; ++s) {
-    auto reg = f.transport.register_memory(sources[s]);
+    auto reg = register_source(f, sources[s]);
     const std::vector batch{
         sl::make_write(reg.region(), sources[s], remote(senders[s], "sender" + std::to_string(s)))};
     REQUIRE(write(f, senders[s], batch) == success);
@@ -609,7 +636,7 @@ TEST_CASE_TEMPLATE_DEFINE("transport conformance: several senders on one receive
     CHECK(e->n.version == 1);
     REQUIRE(e->n.sender < 3);
     ++commits[e->n.sender];
-    CHECK(holds_pattern(arena.subspan(e->n.sender * part, part), 10 + e->n.sender));
+    CHECK(holds_pattern(host_bytes(f, arena.subspan(e->n.sender * part, part)), 10 + e->n.sender));
   }
   CHECK(commits == std::map<std::uint32_t, int>{{0, 1}, {1, 1}, {2, 1}});
   REQUIRE(drive(f.io, [&] { return acks[0].ready() && acks[1].ready() && acks[2].ready(); }));
