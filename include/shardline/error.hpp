@@ -1,6 +1,8 @@
 // shardline/error.hpp: the library's error codes and the exception that carries them.
 #pragma once
 
+#include <shardline/detail/asio_config.hpp>
+
 #include <string>
 #include <system_error>
 
