@@ -61,6 +61,13 @@ __global__ void fill_bf16_kernel(std::uint16_t* data, std::size_t n, std::uint32
   }
 }
 
+__global__ void fill_weights_kernel(std::uint16_t* data, std::int64_t rows, std::int64_t cols, std::uint32_t seed) {
+  const std::int64_t n = rows * cols;
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::int64_t(gridDim.x) * blockDim.x)
+    data[i] = weight_bf16(seed, i / cols, i % cols);
+}
+
 }  // namespace
 
 cudaError_t fill_words(std::uint32_t* data, std::size_t n, std::uint32_t seed, cudaStream_t s) {
@@ -96,6 +103,12 @@ cudaError_t fill_bf16(std::uint16_t* data, std::size_t n, std::uint32_t seed, fl
 
 void fuse(const shardline::cuda::fuse_copy* copies, std::size_t n, cudaStream_t s) {
   shardline::cuda::enqueue_fuse(std::span<const shardline::cuda::fuse_copy>(copies, n), s);
+}
+
+cudaError_t fill_weights_bf16(std::uint16_t* data, std::int64_t rows, std::int64_t cols, std::uint32_t seed,
+                              cudaStream_t s) {
+  fill_weights_kernel<<<2048, 256, 0, s>>>(data, rows, cols, seed);
+  return cudaGetLastError();
 }
 
 }  // namespace gpu_test
