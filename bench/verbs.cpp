@@ -227,6 +227,7 @@ int run(const options& o) {
   using T = sl::verbs::basic_verbs_transport<Mode>;
   asio::io_context io;
   sl::verbs::options vo;
+  vo.key = sl::shared_key::generate();  // sender and receiver are this process
   vo.device = o.device;
   if (o.queue_pairs) vo.queue_pairs = o.queue_pairs;
   T t(io.get_executor(), vo);

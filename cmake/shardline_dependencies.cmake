@@ -1,6 +1,8 @@
 # Finds what shardline's targets link to and names it with stable imported targets:
 #   shardline::asio     standalone Asio headers (always; an error when missing)
 #   shardline::ibverbs  libibverbs (only when found)
+#   shardline::sodium   libsodium (only when found): the pre-shared-key authentication of
+#                       network control channels (transport/detail/psk_auth.hpp, verbs)
 # Used twice: by the source tree's CMakeLists.txt and by the installed shardlineConfig.cmake,
 # so the exported targets can name these targets and a consumer re-finds the same things.
 # Debian's libasio-dev ships neither a CMake config nor a .pc file, hence find_path.
@@ -17,7 +19,22 @@ if(NOT TARGET shardline::asio)
   endif()
 endif()
 
-# Call only when the verbs part is wanted: it is the one optional dependency.
+# libsodium, through pkg-config (Debian's libsodium-dev ships a .pc file).
+macro(shardline_find_sodium)
+  if(NOT TARGET shardline::sodium)
+    find_package(PkgConfig QUIET)
+    if(PKG_CONFIG_FOUND)
+      pkg_check_modules(SHARDLINE_PC_SODIUM QUIET IMPORTED_TARGET libsodium)
+    endif()
+    if(TARGET PkgConfig::SHARDLINE_PC_SODIUM)
+      add_library(shardline::sodium INTERFACE IMPORTED)
+      set_target_properties(shardline::sodium PROPERTIES
+        INTERFACE_LINK_LIBRARIES PkgConfig::SHARDLINE_PC_SODIUM)
+    endif()
+  endif()
+endmacro()
+
+# Call only when the verbs part is wanted (it needs libsodium too: shardline_find_sodium).
 macro(shardline_find_ibverbs)
   if(NOT TARGET shardline::ibverbs)
     find_package(PkgConfig QUIET)

@@ -131,8 +131,13 @@ struct demo_transport<sl::verbs_transport> {
   static asio::ip::tcp::endpoint endpoint(const demo_args& a, std::size_t r) {
     return {asio::ip::make_address(a.address), static_cast<unsigned short>(18515 + r)};
   }
+  // Every rank holds the run's key (main put it in the environment before forking them):
+  // a process that does not hold it can reach the control ports, but not the weights.
+  static constexpr const char* key_variable = "SHARDLINE_DEMO_KEY";
   static sl::verbs_transport make(asio::io_context& io) {
-    return sl::verbs_transport(io.get_executor());
+    sl::verbs::options o;
+    o.key = sl::shared_key::from_environment(key_variable);
+    return sl::verbs_transport(io.get_executor(), o);
   }
   static sl::verbs_transport::receiver make_receiver(sl::verbs_transport& t, asio::io_context&,
                                                       const demo_args& a, std::size_t r) {
@@ -422,6 +427,9 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
     if (a.transport == "shm") return run_demo<sl::shm_transport>(a, plan);
 #if SHARDLINE_HAVE_VERBS
+    // One key per run, unless the caller gave one (to run ranks on other hosts).
+    if (!std::getenv(demo_transport<sl::verbs_transport>::key_variable))
+      ::setenv(demo_transport<sl::verbs_transport>::key_variable, sl::shared_key::generate().hex().c_str(), 1);
     return run_demo<sl::verbs_transport>(a, plan);
 #else
     std::fprintf(stderr, "this build has no verbs support (libibverbs was not found)\n");

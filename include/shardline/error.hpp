@@ -34,11 +34,12 @@ enum class errc {
   stale_version,         ///< a version that does not move forward
   version_abandoned,     ///< a version that can never commit (a sender failed or left mid-version)
   ack_timeout,           ///< a peer did not acknowledge a notice in time
+  authentication_failed, ///< the peer did not prove that it holds the shared key (or holds another)
 };
 
 namespace detail {
 /// The highest errc value; wire formats that carry an errc refuse anything above it.
-inline constexpr errc last_errc = errc::ack_timeout;
+inline constexpr errc last_errc = errc::authentication_failed;
 }  // namespace detail
 
 namespace detail {
@@ -69,6 +70,7 @@ public:
       case errc::stale_version: return "version does not move forward";
       case errc::version_abandoned: return "version abandoned";
       case errc::ack_timeout: return "peer did not acknowledge in time";
+      case errc::authentication_failed: return "authentication failed: the peers do not hold the same key";
     }
     return "unknown shardline error";
   }

@@ -1,10 +1,11 @@
 // The transport kit (include/shardline/transport/detail/): the erased operation storage, the
-// handshake with its deadline, the control link of both sides and the expose() rule, each
-// on its own, over Unix sockets of this process.
+// handshake with its deadline, its proof of a shared key (over TCP on 127.0.0.1), the control
+// link of both sides and the expose() rule, each on its own, over sockets of this process.
 #include <shardline/transport/detail/control_link.hpp>
 #include <shardline/transport/detail/erased_op.hpp>
 #include <shardline/transport/detail/expose.hpp>
 #include <shardline/transport/detail/handshake.hpp>
+#include <shardline/transport/detail/psk_auth.hpp>
 
 #include "../support/checks.hpp"
 
@@ -12,6 +13,7 @@
 #include <asio/bind_executor.hpp>
 #include <asio/cancellation_signal.hpp>
 #include <asio/io_context.hpp>
+#include <asio/ip/tcp.hpp>
 #include <asio/local/connect_pair.hpp>
 #include <asio/local/stream_protocol.hpp>
 #include <asio/read.hpp>
@@ -22,12 +24,17 @@
 
 #include <chrono>
 #include <cstddef>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 namespace {
@@ -171,8 +178,8 @@ struct test_hooks {
     if (verdict.retry && *judged > 3) return {};  // the predecessor went
     return verdict;
   }
-  template <class Handler>
-  void operator()(socket_type& s, const sl::sender_identity&, Handler&& h) const {
+  template <class Socket, class Handler>
+  void operator()(Socket& s, const sl::sender_identity&, Handler&& h) const {
     ++*exchanges;
     static const char ok[2] = {'o', 'k'};
     asio::async_write(s, asio::buffer(ok), std::forward<Handler>(h));
@@ -182,8 +189,8 @@ struct test_hooks {
 // Sender exchange for the tests: reads the receiver's "ok".
 struct read_ok {
   std::shared_ptr<std::array<char, 2>> got = std::make_shared<std::array<char, 2>>();
-  template <class Handler>
-  void operator()(socket_type& s, Handler&& h) const {
+  template <class Socket, class Handler>
+  void operator()(Socket& s, Handler&& h) const {
     asio::async_read(s, asio::buffer(*got), std::forward<Handler>(h));
   }
 };
@@ -341,6 +348,385 @@ TEST_CASE("handshake: any cancellation type ends it with operation_aborted and c
   REQUIRE(drive(io, [&] { return connected.has_value(); }));
   CHECK(*connected == asio::error::operation_aborted);
   CHECK_FALSE(client->is_open());
+}
+
+// ---- shared key -----------------------------------------------------------------------
+
+std::vector<std::byte> key_bytes(unsigned char first) {
+  std::vector<std::byte> b(sl::shared_key::size);
+  for (std::size_t i = 0; i < b.size(); ++i) b[i] = static_cast<std::byte>(first + i);
+  return b;
+}
+
+const sl::shared_key& test_key() {
+  static const sl::shared_key k = sl::shared_key::from_bytes(key_bytes(1));
+  return k;
+}
+
+const sl::shared_key& other_key() {
+  static const sl::shared_key k = sl::shared_key::from_bytes(key_bytes(2));
+  return k;
+}
+
+// A file of this test's with `mode`, holding `text`.
+struct key_file {
+  key_file(const char* name, const std::string& text, mode_t mode) : path(socket_path(name)) {
+    std::ofstream(path, std::ios::binary) << text;
+    ::chmod(path.c_str(), mode);
+  }
+  ~key_file() { ::unlink(path.c_str()); }
+  std::string path;
+};
+
+TEST_CASE("shared_key: loaded from bytes, hex, a 0600 file (hex or raw) and the environment, all the same key") {
+  const std::string hex = test_key().hex();
+  CHECK(hex.size() == 64);
+  CHECK(hex.substr(0, 8) == "01020304");
+  const auto same = [&](const sl::shared_key& k) {
+    return std::memcmp(k.secret().data(), test_key().secret().data(), sl::shared_key::size) == 0;
+  };
+  CHECK(same(sl::shared_key::from_hex(" " + hex + "\n")));
+  key_file hex_file("key-hex", hex + "\n", 0600);
+  CHECK(same(sl::shared_key::from_file(hex_file.path)));
+  const auto raw = key_bytes(1);
+  key_file raw_file("key-raw", std::string(reinterpret_cast<const char*>(raw.data()), raw.size()), 0400);
+  CHECK(same(sl::shared_key::from_file(raw_file.path)));
+  ::setenv("SHARDLINE_KIT_TEST_KEY", hex.c_str(), 1);
+  CHECK(same(sl::shared_key::from_environment("SHARDLINE_KIT_TEST_KEY")));
+  ::unsetenv("SHARDLINE_KIT_TEST_KEY");
+  const auto fresh = sl::shared_key::generate();
+  CHECK_FALSE(same(fresh));
+  CHECK(fresh.hex() != sl::shared_key::generate().hex());
+}
+
+TEST_CASE("shared_key: every malformed key is refused, naming its source and never its text") {
+  using sl::testing::check_throws;
+  check_throws([] { (void)sl::shared_key::from_bytes(std::vector<std::byte>(31)); }, sl::errc::invalid_argument,
+               {"shared key: 31 bytes given; a key is exactly 32 bytes"});
+  const std::string secretish = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdeZ";  // one digit is not
+  const auto no_leak = [&](auto f, std::initializer_list<std::string_view> names) {
+    try {
+      f();
+      FAIL("no error thrown");
+    } catch (const sl::error& e) {
+      CHECK(e.code() == sl::errc::invalid_argument);
+      sl::testing::check_text(e.what(), e.code().message(), names);
+      CHECK(std::string(e.what()).find("0123456789abcdef") == std::string::npos);
+    }
+  };
+  no_leak([&] { (void)sl::shared_key::from_hex(secretish); },
+          {"shared key is not a key: a key is 64 hexadecimal digits (32 bytes)"});
+  no_leak([&] { (void)sl::shared_key::from_hex(secretish.substr(0, 62)); }, {"shared key is not a key"});
+  ::setenv("SHARDLINE_KIT_TEST_KEY", secretish.c_str(), 1);
+  no_leak([] { (void)sl::shared_key::from_environment("SHARDLINE_KIT_TEST_KEY"); },
+          {"shared key: environment variable SHARDLINE_KIT_TEST_KEY is not a key"});
+  ::unsetenv("SHARDLINE_KIT_TEST_KEY");
+  check_throws([] { (void)sl::shared_key::from_environment("SHARDLINE_KIT_TEST_KEY"); }, sl::errc::invalid_argument,
+               {"shared key: environment variable SHARDLINE_KIT_TEST_KEY is not set"});
+  key_file loose("key-loose", test_key().hex(), 0644);
+  no_leak([&] { (void)sl::shared_key::from_file(loose.path); },
+          {"shared key file '" + loose.path + "' may be read by others (mode 0644): make it 0600"});
+  key_file junk("key-junk", secretish + "\n", 0600);
+  no_leak([&] { (void)sl::shared_key::from_file(junk.path); }, {"shared key file '" + junk.path + "' is not a key"});
+  key_file too_long("key-long", test_key().hex() + test_key().hex(), 0600);
+  no_leak([&] { (void)sl::shared_key::from_file(too_long.path); }, {"is not a key"});
+  const std::string missing = socket_path("key-missing");
+  try {
+    (void)sl::shared_key::from_file(missing);
+    FAIL("a missing file should not load");
+  } catch (const sl::error& e) {
+    CHECK(e.code() == std::errc::no_such_file_or_directory);
+    sl::testing::check_text(e.what(), e.code().message(), {"shared key file '" + missing + "' cannot be opened"});
+  }
+}
+
+// A receiver's handshakes, one after another, on one TCP listener of 127.0.0.1.
+struct tcp_listener {
+  using tcp = asio::ip::tcp;
+  explicit tcp_listener(std::optional<sl::shared_key> k, std::chrono::milliseconds timeout = 2s)
+      : acceptor(io, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0)), key(std::move(k)), timeout(timeout) {}
+
+  // Starts one handshake; its result lands in `accepted`.
+  void accept() {
+    accepted = {};
+    sd::async_handshake_as_receiver(acceptor, std::make_shared<tcp::socket>(io), magic, timeout, key,
+                                    test_hooks{{}, &exchanges, &judged}, [this](std::error_code ec, sl::sender_identity who) {
+                                      accepted.ec = ec;
+                                      accepted.who = who;
+                                    });
+  }
+
+  // A sender's handshake with `k`; its result.
+  std::error_code connect(std::optional<sl::shared_key> k, sl::sender_identity who = {4, 0x44}) {
+    std::optional<std::error_code> connected;
+    sd::async_handshake_as_sender(std::make_shared<tcp::socket>(io), acceptor.local_endpoint(), magic, who, timeout, k,
+                                  read_ok{}, [&](std::error_code ec) { connected = ec; });
+    REQUIRE(drive(io, [&] { return connected && accepted.ec; }));
+    return *connected;
+  }
+
+  asio::io_context io;
+  tcp::acceptor acceptor;
+  std::optional<sl::shared_key> key;
+  std::chrono::milliseconds timeout;
+  int exchanges = 0, judged = 0;
+  accept_result accepted;
+};
+
+// A raw TCP peer of a test: reads exactly n bytes, or everything up to the end.
+struct raw_peer {
+  explicit raw_peer(asio::io_context& io) : io(io), s(io) {}
+  std::string read(std::size_t n) {
+    std::string b(n, '\0');
+    std::optional<std::error_code> done;
+    asio::async_read(s, asio::buffer(b), [&](std::error_code ec, std::size_t) { done = ec; });
+    REQUIRE(drive(io, [&] { return done.has_value(); }));
+    REQUIRE_FALSE(*done);
+    return b;
+  }
+  // Everything until the other side closes.
+  std::string rest() {
+    std::string got;
+    std::array<char, 256> chunk{};
+    std::optional<std::error_code> end;
+    std::function<void()> more = [&] {
+      s.async_read_some(asio::buffer(chunk), [&](std::error_code ec, std::size_t n) {
+        got.append(chunk.data(), n);
+        if (ec) end = ec;
+        else more();
+      });
+    };
+    more();
+    REQUIRE(drive(io, [&] { return end.has_value(); }));
+    // A side that closes with bytes of ours unread resets the connection instead.
+    CHECK((*end == asio::error::eof || *end == asio::error::connection_reset));
+    return got;
+  }
+  void write(const std::string& b) { asio::write(s, asio::buffer(b)); }
+  template <std::size_t N>
+  void write(const std::array<std::byte, N>& b) {
+    asio::write(s, asio::buffer(b));
+  }
+  asio::io_context& io;
+  asio::ip::tcp::socket s;
+};
+
+inline const std::string_view authentication_failed = "authentication failed: the peers do not hold the same key";
+
+TEST_CASE("key proof: a sender holding the receiver's key is admitted, over TCP") {
+  tcp_listener l(test_key());
+  l.accept();
+  CHECK(l.connect(test_key(), {4, 0x44}) == std::error_code{});
+  CHECK(*l.accepted.ec == std::error_code{});
+  CHECK(l.accepted.who.sender == 4);
+  CHECK(l.accepted.who.plan_fingerprint == 0x44);
+  CHECK(l.judged == 1);
+  CHECK(l.exchanges == 1);
+}
+
+TEST_CASE("key proof: another key fails both sides with authentication_failed, before judge, verdict and exchange") {
+  tcp_listener l(test_key());
+  l.accept();
+  const auto connected = l.connect(other_key());
+  CHECK(connected == sl::errc::authentication_failed);
+  CHECK(connected.message() == authentication_failed);
+  CHECK(*l.accepted.ec == sl::errc::authentication_failed);
+  CHECK(l.accepted.ec->message() == authentication_failed);
+  CHECK(l.accepted.who.sender == 0);  // an unproven hello names nobody
+  CHECK(l.judged == 0);
+  CHECK(l.exchanges == 0);
+  // The receiver accepts on; the right key is admitted.
+  l.accept();
+  CHECK(l.connect(test_key()) == std::error_code{});
+  CHECK(*l.accepted.ec == std::error_code{});
+}
+
+TEST_CASE("key proof: a key on one side only fails the keyed side's peer, and the keyed sender sends nothing past its hello") {
+  SUBCASE("keyless sender, keyed receiver: the sender is told") {
+    tcp_listener l(test_key(), 300ms);
+    l.accept();
+    const auto connected = l.connect(std::nullopt);
+    CHECK(connected == sl::errc::authentication_failed);
+    CHECK(*l.accepted.ec == sl::errc::peer_disconnected);  // it left instead of proving
+    CHECK(l.judged == 0);
+  }
+  SUBCASE("keyed sender, keyless receiver: the sender refuses the verdict and leaves") {
+    tcp_listener l(std::nullopt);
+    l.accept();
+    const auto connected = l.connect(test_key());
+    CHECK(connected == sl::errc::authentication_failed);
+    CHECK(connected.message() == authentication_failed);
+    // (The keyless receiver judged it and may have finished its exchange before the sender
+    // left: what it saw depends on timing, what the sender sent does not.)
+    CHECK(l.judged == 1);
+  }
+}
+
+TEST_CASE("key proof: a client that says hello but cannot prove the key receives the challenge and nothing else") {
+  tcp_listener l(test_key(), 300ms);
+  l.accept();
+  raw_peer c(l.io);
+  c.s.connect(l.acceptor.local_endpoint());
+  c.write(sd::encode_hello(magic, {1, 0}));
+  const std::string challenge = c.read(sd::psk_challenge_bytes);
+  CHECK(challenge.substr(0, 4) == "SLAU");
+  SUBCASE("it then says nothing: the deadline drops it, without another byte") {
+    CHECK(c.rest().empty());
+    CHECK(*l.accepted.ec == asio::error::timed_out);
+  }
+  SUBCASE("it then sends a proof's worth of garbage: a failed status without a MAC, then the end") {
+    c.write(std::string(sd::psk_proof_bytes, 'x'));
+    const std::string answer = c.rest();
+    REQUIRE(answer.size() == sd::psk_answer_bytes);
+    CHECK(sd::get_le<std::uint32_t>(answer.data()) == static_cast<std::uint32_t>(sl::errc::authentication_failed));
+    CHECK(answer.substr(4) == std::string(sd::psk_mac_bytes, '\0'));
+    CHECK(*l.accepted.ec == sl::errc::authentication_failed);
+  }
+  SUBCASE("it then sends half a proof and leaves") {
+    c.write(std::string(sd::psk_proof_bytes / 2, 'x'));
+    c.s.shutdown(asio::socket_base::shutdown_send);
+    CHECK(c.rest().empty());
+    CHECK(*l.accepted.ec == sl::errc::peer_disconnected);
+  }
+  SUBCASE("garbage instead of a hello gets the same challenge, and no verdict") {
+    // (the hello above was a good one; a second connection sends noise)
+    c.s.close();
+    REQUIRE(drive(l.io, [&] { return l.accepted.ec.has_value(); }));
+    l.accept();
+    raw_peer g(l.io);
+    g.s.connect(l.acceptor.local_endpoint());
+    g.write(std::string(sd::hello_bytes + sd::psk_proof_bytes, 'z'));
+    const std::string got = g.rest();
+    REQUIRE(got.size() == sd::psk_challenge_bytes + sd::psk_answer_bytes);
+    CHECK(got.substr(0, 4) == "SLAU");
+    CHECK(*l.accepted.ec == sl::errc::authentication_failed);
+  }
+  CHECK(l.judged == 0);
+  CHECK(l.exchanges == 0);
+  l.accept();
+  CHECK(l.connect(test_key()) == std::error_code{});  // served on
+}
+
+// What a client holding the key proves for the challenge it read: the proof frame's bytes.
+std::string forge_proof(const std::string& challenge, const sd::hello_frame& hello, sd::psk_role role,
+                        unsigned char nonce_byte) {
+  sd::psk_session s(test_key());
+  std::memcpy(s.challenge.data(), challenge.data(), s.challenge.size());
+  std::array<std::byte, sd::psk_nonce_bytes> nonce{};
+  nonce.fill(static_cast<std::byte>(nonce_byte));
+  const auto mac = s.mac(role, magic, hello, nonce.data());
+  return std::string(reinterpret_cast<const char*>(nonce.data()), nonce.size()) +
+         std::string(reinterpret_cast<const char*>(mac.data()), mac.size());
+}
+
+TEST_CASE("key proof: a proof replayed from another connection, or the receiver's MAC reflected as the sender's, fails") {
+  tcp_listener l(test_key());
+  const auto hello = sd::encode_hello(magic, {3, 0});
+  // A client with the key, by hand: admitted (the forgery below is the real thing).
+  l.accept();
+  std::string recorded;
+  {
+    raw_peer c(l.io);
+    c.s.connect(l.acceptor.local_endpoint());
+    c.write(hello);
+    recorded = forge_proof(c.read(sd::psk_challenge_bytes), hello, sd::psk_role::sender, 7);
+    c.write(recorded);
+    const std::string answer = c.read(sd::psk_answer_bytes);
+    CHECK(sd::get_le<std::uint32_t>(answer.data()) == 0);
+    REQUIRE(drive(l.io, [&] { return l.accepted.ec.has_value(); }));
+    CHECK(*l.accepted.ec == std::error_code{});
+    CHECK(l.accepted.who.sender == 3);
+  }
+  SUBCASE("the recorded proof, replayed against a fresh challenge") {
+    l.accept();
+    raw_peer c(l.io);
+    c.s.connect(l.acceptor.local_endpoint());
+    c.write(hello);
+    (void)c.read(sd::psk_challenge_bytes);
+    c.write(recorded);
+    CHECK(c.rest().size() == sd::psk_answer_bytes);
+    CHECK(*l.accepted.ec == sl::errc::authentication_failed);
+  }
+  SUBCASE("the receiver's own MAC for this very connection, sent as the sender's") {
+    l.accept();
+    raw_peer c(l.io);
+    c.s.connect(l.acceptor.local_endpoint());
+    c.write(hello);
+    c.write(forge_proof(c.read(sd::psk_challenge_bytes), hello, sd::psk_role::receiver, 8));
+    CHECK(c.rest().size() == sd::psk_answer_bytes);
+    CHECK(*l.accepted.ec == sl::errc::authentication_failed);
+  }
+  SUBCASE("a proof for another hello (another sender id) than the one sent") {
+    l.accept();
+    raw_peer c(l.io);
+    c.s.connect(l.acceptor.local_endpoint());
+    c.write(hello);
+    c.write(forge_proof(c.read(sd::psk_challenge_bytes), sd::encode_hello(magic, {4, 0}), sd::psk_role::sender, 9));
+    CHECK(c.rest().size() == sd::psk_answer_bytes);
+    CHECK(*l.accepted.ec == sl::errc::authentication_failed);
+  }
+  CHECK(l.judged == 1);
+}
+
+// A receiver played by hand against a keyed sender: reads its hello, sends a challenge, and
+// answers its proof with `answer(proof)`.
+template <class Answer>
+std::error_code fake_receiver(std::chrono::milliseconds timeout, Answer answer, bool silent_after_challenge = false) {
+  asio::io_context io;
+  asio::ip::tcp::acceptor a(io, asio::ip::tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
+  raw_peer r(io);
+  std::optional<std::error_code> connected;
+  sd::async_handshake_as_sender(std::make_shared<asio::ip::tcp::socket>(io), a.local_endpoint(), magic, {1, 0}, timeout,
+                                std::optional<sl::shared_key>(test_key()), read_ok{},
+                                [&](std::error_code ec) { connected = ec; });
+  a.accept(r.s);
+  const std::string hello = r.read(sd::hello_bytes);
+  std::string challenge = "SLAU" + std::string(sd::psk_nonce_bytes, '\x5a');
+  r.write(challenge);
+  if (!silent_after_challenge) r.write(answer(r.read(sd::psk_proof_bytes)));
+  REQUIRE(drive(io, [&] { return connected.has_value(); }));
+  return *connected;
+}
+
+TEST_CASE("key proof: a receiver that reflects the sender's MAC, answers garbage or goes silent fails the sender") {
+  const auto status = [](std::uint32_t v) {
+    std::string s;
+    sd::put_le<std::uint32_t>(s, v);
+    return s;
+  };
+  SUBCASE("the sender's own MAC, reflected with an admitted status") {
+    const auto ec = fake_receiver(2s, [&](const std::string& proof) { return status(0) + proof.substr(sd::psk_nonce_bytes); });
+    CHECK(ec == sl::errc::authentication_failed);
+    CHECK(ec.message() == authentication_failed);
+  }
+  SUBCASE("a status that is neither admitted nor failed") {
+    const auto ec = fake_receiver(2s, [&](const std::string&) { return status(77) + std::string(32, '\0'); });
+    CHECK(ec == sl::errc::protocol_error);
+  }
+  SUBCASE("the answer cut short") {
+    const auto ec = fake_receiver(2s, [&](const std::string&) { return status(0); });
+    CHECK(ec == asio::error::timed_out);
+  }
+  SUBCASE("nothing after the challenge: the deadline") {
+    const auto ec = fake_receiver(200ms, [&](const std::string&) { return std::string(); }, true);
+    CHECK(ec == asio::error::timed_out);
+  }
+}
+
+TEST_CASE("key proof: a first frame that is neither a challenge nor a verdict is a protocol_error") {
+  asio::io_context io;
+  asio::ip::tcp::acceptor a(io, asio::ip::tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
+  raw_peer r(io);
+  std::optional<std::error_code> connected;
+  sd::async_handshake_as_sender(std::make_shared<asio::ip::tcp::socket>(io), a.local_endpoint(), magic, {1, 0}, 2s,
+                                std::optional<sl::shared_key>(test_key()), read_ok{},
+                                [&](std::error_code ec) { connected = ec; });
+  a.accept(r.s);
+  (void)r.read(sd::hello_bytes);
+  r.write(std::string("XXXX") + std::string(sd::psk_nonce_bytes, '\0'));
+  REQUIRE(drive(io, [&] { return connected.has_value(); }));
+  CHECK(*connected == sl::errc::protocol_error);
+  CHECK(r.rest().empty());  // no proof went out
 }
 
 // ---- control link -------------------------------------------------------------------

@@ -5,7 +5,10 @@
 
 #include "verbs_support.hpp"
 
+#include "../support/checks.hpp"
+
 #include <shardline/transport/detail/control.hpp>
+#include <shardline/transport/detail/psk_auth.hpp>
 #include <shardline/transport/verbs/detail/wire.hpp>
 
 #include <asio/co_spawn.hpp>
@@ -22,11 +25,16 @@
 #include <array>
 #include <cerrno>
 #include <cstring>
+#include <cstdio>
 #include <future>
+#include <memory>
 #include <optional>
+#include <stdexcept>
 #include <random>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 using namespace verbs_test;
 namespace sd = shardline::detail;
@@ -60,8 +68,8 @@ TEST_CASE("verbs control: async_notify completes only once the receiver acknowle
   // Sender and receiver on separate io_contexts: the receiver acknowledges only while its
   // context runs.
   asio::io_context sender_io, receiver_io;
-  sv::verbs_transport ts(sender_io.get_executor());
-  sv::verbs_transport tr(receiver_io.get_executor());
+  sv::verbs_transport ts(sender_io.get_executor(), keyed());
+  sv::verbs_transport tr(receiver_io.get_executor(), keyed());
   sv::verbs_transport::receiver r(tr, listen_endpoint());
   r.expose("model", r.allocate(4096));
   auto h = connect(sender_io, receiver_io, ts, r, {5, 0});
@@ -104,7 +112,7 @@ TEST_CASE("verbs control: async_notify completes only once the receiver acknowle
 TEST_CASE("verbs control: with notice_depth 0 a notice is acknowledged only when a wait takes it, and a queued one holds its sender's next") {
   if (!have_device()) return;
   asio::io_context io;
-  sv::verbs_transport t(io.get_executor());
+  sv::verbs_transport t(io.get_executor(), keyed());
   sv::verbs_transport::receiver r(t, listen_endpoint(), 0);
   r.expose("model", r.allocate(4096));
   auto h = connect(io, t, r, {1, 0});
@@ -134,7 +142,7 @@ TEST_CASE("verbs control: with notice_depth 0 a notice is acknowledged only when
 TEST_CASE("verbs control: two senders to one receiver, notices named by sender; one leaves, the other is served on") {
   if (!have_device()) return;
   asio::io_context io;
-  sv::verbs_transport t(io.get_executor());
+  sv::verbs_transport t(io.get_executor(), keyed());
   sv::verbs_transport::receiver r(t, listen_endpoint());
   r.admit({2, 0});
   auto arena = r.allocate(2 * 4096);
@@ -185,7 +193,7 @@ TEST_CASE("verbs control: two senders to one receiver, notices named by sender; 
 TEST_CASE("verbs control: a second live connection with the same id is refused; after it leaves, it reconnects") {
   if (!have_device()) return;
   asio::io_context io;
-  sv::verbs_transport t(io.get_executor());
+  sv::verbs_transport t(io.get_executor(), keyed());
   sv::verbs_transport::receiver r(t, listen_endpoint());
   auto arena = r.allocate(4096);
   r.expose("model", arena);
@@ -223,7 +231,7 @@ TEST_CASE("verbs control: a second live connection with the same id is refused; 
 TEST_CASE("verbs control: refused senders learn why and see no region; the admitted one is served") {
   if (!have_device()) return;
   asio::io_context io;
-  sv::verbs_transport t(io.get_executor());
+  sv::verbs_transport t(io.get_executor(), keyed());
   sv::verbs_transport::receiver r(t, listen_endpoint());
   auto arena = r.allocate(4096);
   r.expose("model", arena);
@@ -243,23 +251,40 @@ TEST_CASE("verbs control: refused senders learn why and see no region; the admit
   CHECK(stranger.accept_ec == sl::errc::unknown_sender);
   CHECK(stranger.sender == 2);
 
-  // A hello of another protocol version, by hand: refused with that reason.
+  // A hello of another protocol version, by hand, from a peer that proves the key: refused
+  // with that reason (a peer that does not prove it is told nothing).
   {
     asio::ip::tcp::socket s(io);
     s.connect(r.local_endpoint());
-    std::string hello = "SLVB";
-    sd::put_le<std::uint32_t>(hello, sd::control_protocol + 1);
-    sd::put_le<std::uint32_t>(hello, 1);
-    sd::put_le<std::uint64_t>(hello, 0xabc);
+    std::string text = "SLVB";
+    sd::put_le<std::uint32_t>(text, sd::control_protocol + 1);
+    sd::put_le<std::uint32_t>(text, 1);
+    sd::put_le<std::uint64_t>(text, 0xabc);
+    sd::hello_frame hello{};
+    std::memcpy(hello.data(), text.data(), hello.size());
     std::optional<std::error_code> accepted;
     r.async_accept([&](std::error_code ec, std::uint32_t) { accepted = ec; });
     asio::write(s, asio::buffer(hello));
-    std::array<std::byte, sd::verdict_bytes> verdict{};
+    auto proof = std::make_unique<sd::psk_session>(test_key());
+    std::optional<std::error_code> challenged;
+    asio::async_read(s, asio::buffer(proof->challenge), [&](std::error_code ec, std::size_t) { challenged = ec; });
+    REQUIRE(run_until(io, [&] { return challenged.has_value(); }));
+    REQUIRE_FALSE(*challenged);
+    proof->make_proof(sv::detail::hello_magic, hello);
+    asio::write(s, asio::buffer(proof->proof));
+    struct {
+      std::array<std::byte, sd::psk_answer_bytes> answer{};
+      std::array<std::byte, sd::verdict_bytes> verdict{};
+    } reply;
+    auto& verdict = reply.verdict;
     std::optional<std::error_code> read;
-    asio::async_read(s, asio::buffer(verdict), [&](std::error_code ec, std::size_t) { read = ec; });
+    asio::async_read(s, std::array{asio::buffer(reply.answer), asio::buffer(reply.verdict)},
+                     [&](std::error_code ec, std::size_t) { read = ec; });
     REQUIRE(run_until(io, [&] { return accepted && read; }));
     CHECK(*accepted == sl::errc::protocol_version_mismatch);
     REQUIRE_FALSE(*read);
+    proof->answer = reply.answer;
+    CHECK_FALSE(proof->check_answer(sv::detail::hello_magic, hello));
     CHECK(sd::decode_verdict(verdict) == sl::errc::protocol_version_mismatch);
   }
 
@@ -304,7 +329,7 @@ TEST_CASE("verbs control: clients that send garbage or nothing get no region tab
   asio::io_context io;
   sv::options o;
   o.connect_timeout = 1000ms;  // bounds the silent client's handshake
-  sv::verbs_transport t(io.get_executor(), o);
+  sv::verbs_transport t(io.get_executor(), keyed(o));
   sv::verbs_transport::receiver r(t, listen_endpoint());
   auto arena = r.allocate(4096);
   r.expose("secret.weights", arena);
@@ -316,24 +341,23 @@ TEST_CASE("verbs control: clients that send garbage or nothing get no region tab
     return s;
   };
 
-  SUBCASE("a hello's worth of random bytes: the verdict says protocol_error, then the end") {
+  SUBCASE("a hello's worth of random bytes: the challenge, then the deadline (no proof came)") {
     std::optional<std::error_code> accepted;
     r.async_accept([&](std::error_code ec, std::uint32_t) { accepted = ec; });
     raw_client c(io, r.local_endpoint(), noise(sd::hello_bytes));
     REQUIRE(run_until(io, [&] { return accepted && c.end; }));
-    CHECK(*accepted == sl::errc::protocol_error);
-    REQUIRE(c.got.size() == sd::verdict_bytes);
-    std::array<std::byte, sd::verdict_bytes> v{};
-    std::memcpy(v.data(), c.got.data(), v.size());
-    CHECK(sd::decode_verdict(v) == sl::errc::protocol_error);
+    CHECK(*accepted == asio::error::timed_out);
+    REQUIRE(c.got.size() == sd::psk_challenge_bytes);
+    CHECK(c.got.substr(0, 4) == "SLAU");
   }
-  SUBCASE("64 KiB of random bytes: nothing but a verdict comes back") {
+  SUBCASE("64 KiB of random bytes: nothing but a challenge and a failed status comes back") {
     std::optional<std::error_code> accepted;
     r.async_accept([&](std::error_code ec, std::uint32_t) { accepted = ec; });
     raw_client c(io, r.local_endpoint(), noise(64 << 10));
     REQUIRE(run_until(io, [&] { return accepted && c.end; }));
-    CHECK(*accepted == sl::errc::protocol_error);
-    CHECK(c.got.size() <= sd::verdict_bytes);
+    CHECK(*accepted == sl::errc::authentication_failed);
+    // (The receiver closes with the rest unread: the reset may cut what it sent short.)
+    CHECK(c.got.size() <= sd::psk_challenge_bytes + sd::psk_answer_bytes);
     CHECK(c.got.find("secret.weights") == std::string::npos);
   }
   SUBCASE("a client that says nothing: its handshake times out") {
@@ -369,6 +393,13 @@ asio::awaitable<void> garbage_notice(asio::ip::tcp::endpoint ep, ibv_gid gid, st
   co_await s.async_connect(ep, asio::use_awaitable);
   const auto hello = sd::encode_hello(sv::detail::hello_magic, {7, 0});
   co_await asio::async_write(s, asio::buffer(hello), asio::use_awaitable);
+  // It holds the key: the proof, by hand.
+  auto proof = std::make_unique<sd::psk_session>(test_key());
+  co_await asio::async_read(s, asio::buffer(proof->challenge), asio::use_awaitable);
+  proof->make_proof(sv::detail::hello_magic, hello);
+  co_await asio::async_write(s, asio::buffer(proof->proof), asio::use_awaitable);
+  co_await asio::async_read(s, asio::buffer(proof->answer), asio::use_awaitable);
+  if (proof->check_answer(sv::detail::hello_magic, hello)) throw std::runtime_error("the receiver did not prove the key");
   std::array<std::byte, sd::verdict_bytes> verdict{};
   co_await asio::async_read(s, asio::buffer(verdict), asio::use_awaitable);
   const std::string qps = sv::detail::encode_endpoints(gid, {sv::qp_endpoint{0x123, 0}});
@@ -391,7 +422,7 @@ asio::awaitable<void> garbage_notice(asio::ip::tcp::endpoint ep, ibv_gid gid, st
 TEST_CASE("verbs control: a malformed notice frame is a protocol_error naming its sender, whose connection is dropped") {
   if (!have_device()) return;
   asio::io_context io;
-  sv::verbs_transport t(io.get_executor());
+  sv::verbs_transport t(io.get_executor(), keyed());
   sv::verbs_transport::receiver r(t, listen_endpoint());
   r.expose("model", r.allocate(4096));
   std::optional<std::error_code> accepted;
@@ -458,7 +489,7 @@ struct raw_link {
 TEST_CASE("verbs control: memory the receiver owns is adopted: registered on its own, written by the sender, never readable remotely") {
   if (!have_device()) return;
   asio::io_context io;
-  sv::verbs_transport t(io.get_executor());
+  sv::verbs_transport t(io.get_executor(), keyed());
   sv::verbs_transport::receiver r(t, listen_endpoint());
   auto arena = r.allocate(4096);
   r.expose("arena.bias", arena);
@@ -513,7 +544,7 @@ TEST_CASE("verbs control: memory the receiver owns is adopted: registered on its
 TEST_CASE("verbs control: expose and register_memory refuse what they cannot move, naming it") {
   if (!have_device()) return;
   asio::io_context io;
-  sv::verbs_transport t(io.get_executor());
+  sv::verbs_transport t(io.get_executor(), keyed());
   sv::verbs_transport::receiver r(t, listen_endpoint());
   std::vector<std::byte> owned(8192);
   const auto refused = [&](sl::exposure e, sl::errc code, std::string_view says) {
@@ -554,4 +585,179 @@ TEST_CASE("verbs control: expose and register_memory refuse what they cannot mov
     CHECK(x.code() == sl::errc::unsupported_memory);
     CHECK(std::string(x.what()).find("staging memory is cuda_device:1 memory") != std::string::npos);
   }
+}
+
+// ---- authentication ---------------------------------------------------------------------
+
+TEST_CASE("verbs control: a transport without a key is refused unless it asks to run unauthenticated, before any device is opened") {
+  asio::io_context io;
+  try {
+    sv::verbs_transport t(io.get_executor());
+    FAIL("a transport without a key should not construct");
+  } catch (const sl::error& e) {
+    CHECK(e.code() == sl::errc::invalid_argument);
+    sl::testing::check_text(e.what(), e.code().message(),
+                            {"verbs transport: options::key is not set",
+                             "set options::allow_unauthenticated = true to let anyone who reaches the control port "
+                             "write the weights"});
+  }
+}
+
+namespace {
+// What `f` writes to stderr.
+template <class F>
+std::string stderr_of(F f) {
+  std::fflush(stderr);
+  char path[] = "/tmp/shardline-verbs-stderr-XXXXXX";
+  const int file = ::mkstemp(path);
+  REQUIRE(file >= 0);
+  const int saved = ::dup(2);
+  ::dup2(file, 2);
+  f();
+  std::fflush(stderr);
+  ::dup2(saved, 2);
+  ::close(saved);
+  std::string text;
+  char buf[512];
+  ::lseek(file, 0, SEEK_SET);
+  for (ssize_t n; (n = ::read(file, buf, sizeof buf)) > 0;) text.append(buf, static_cast<std::size_t>(n));
+  ::close(file);
+  ::unlink(path);
+  return text;
+}
+}  // namespace
+
+TEST_CASE("verbs control: an unauthenticated transport warns once per object, and still serves keyless senders") {
+  if (!have_device()) return;
+  asio::io_context io;
+  sv::options open;
+  open.allow_unauthenticated = true;
+  std::optional<sv::verbs_transport> t;
+  std::optional<sv::verbs_transport::receiver> r;
+  const std::string said = stderr_of([&] {
+    t.emplace(io.get_executor(), open);
+    r.emplace(*t, listen_endpoint());
+  });
+  CHECK(sl::testing::occurrences(said, "shardline: warning: verbs transport") == 1);
+  CHECK(said.find("runs unauthenticated (options::allow_unauthenticated): anyone who reaches its control port "
+                  "can write the weights") != std::string::npos);
+  CHECK(stderr_of([&] { sv::verbs_transport keyed_one(io.get_executor(), keyed()); }).empty());
+  r->expose("model", r->allocate(4096));
+  auto h = connect(io, *t, *r, {1, 0});
+  CHECK_FALSE(h.accept_ec);
+  CHECK_FALSE(h.connect_ec);
+}
+
+TEST_CASE("verbs control: an unauthenticated TCP client gets nothing (no verdict, region table or rkey), then the real sender is served") {
+  if (!have_device()) return;
+  asio::io_context io;
+  sv::options o = keyed();
+  o.connect_timeout = 1000ms;
+  sv::verbs_transport t(io.get_executor(), o);
+  sv::verbs_transport::receiver r(t, listen_endpoint());
+  auto arena = r.allocate(4096);
+  r.expose("secret.weights", arena);
+  const auto rkey = r.regions().regions()[0].key;
+  const auto hello = sd::encode_hello(sv::detail::hello_magic, {0, 0});
+  const std::string hello_bytes(reinterpret_cast<const char*>(hello.data()), hello.size());
+  const auto holds_rkey = [&](const std::string& got) {
+    std::string le;
+    sd::put_le<std::uint32_t>(le, rkey);
+    return got.substr(sd::psk_challenge_bytes).find(le) != std::string::npos;  // the nonce is random
+  };
+
+  SUBCASE("a good hello, then silence: the challenge, and the deadline") {
+    std::optional<std::error_code> accepted;
+    r.async_accept([&](std::error_code ec, std::uint32_t) { accepted = ec; });
+    raw_client c(io, r.local_endpoint(), hello_bytes);
+    REQUIRE(run_until(io, [&] { return accepted && c.end; }));
+    CHECK(*accepted == asio::error::timed_out);
+    CHECK(c.got.size() == sd::psk_challenge_bytes);
+    CHECK(c.got.substr(0, 4) == "SLAU");
+  }
+  SUBCASE("a good hello and a made-up proof: the challenge, a failed status without a MAC, the end") {
+    std::optional<std::error_code> accepted;
+    std::uint32_t who = 99;
+    r.async_accept([&](std::error_code ec, std::uint32_t sender) {
+      accepted = ec;
+      who = sender;
+    });
+    raw_client c(io, r.local_endpoint(), hello_bytes + std::string(sd::psk_proof_bytes, '\x11'));
+    REQUIRE(run_until(io, [&] { return accepted && c.end; }));
+    CHECK(*accepted == sl::errc::authentication_failed);
+    CHECK(accepted->message() == "authentication failed: the peers do not hold the same key");
+    CHECK(who == 0);  // an unproven hello names nobody
+    REQUIRE(c.got.size() == sd::psk_challenge_bytes + sd::psk_answer_bytes);
+    const std::string answer = c.got.substr(sd::psk_challenge_bytes);
+    CHECK(sd::get_le<std::uint32_t>(answer.data()) == static_cast<std::uint32_t>(sl::errc::authentication_failed));
+    CHECK(answer.substr(4) == std::string(sd::psk_mac_bytes, '\0'));
+    CHECK_FALSE(holds_rkey(c.got));
+    CHECK(c.got.find("secret.weights") == std::string::npos);
+    CHECK(c.got.find("SLVQ") == std::string::npos);
+  }
+  // Then a real sender is served, and its writes land.
+  std::vector<std::byte> staging(4096);
+  fill(staging, 18);
+  auto reg = t.register_memory(staging);
+  auto legit = connect(io, t, r, {0, 0});
+  REQUIRE_FALSE(legit.accept_ec);
+  REQUIRE_FALSE(legit.connect_ec);
+  CHECK(legit.conn->remote_regions().find("secret.weights")->key == rkey);
+  notice_log log;
+  log.wait(r);
+  CHECK(write_and_notify(io, *legit.conn, sl::make_write(reg.region(), staging, legit.conn->remote_regions().regions()[0]),
+                         sl::notice_kind::commit, 1));
+  REQUIRE(run_until(io, [&] { return log.got.size() == 1; }));
+  CHECK(log.got[0].second == sl::notice{0, sl::notice_kind::commit, 1});
+  CHECK(same(staging, arena));
+}
+
+TEST_CASE("verbs control: a sender with another key, or none, is refused and sees no region; the receiver serves on") {
+  if (!have_device()) return;
+  asio::io_context io;
+  sv::verbs_transport t(io.get_executor(), keyed());
+  sv::verbs_transport::receiver r(t, listen_endpoint());
+  auto arena = r.allocate(4096);
+  r.expose("model", arena);
+
+  sv::options wrong;
+  wrong.key = sl::shared_key::generate();
+  sv::verbs_transport intruder(io.get_executor(), wrong);
+  auto refused = connect(io, intruder, r, {1, 0});
+  CHECK(refused.connect_ec == sl::errc::authentication_failed);
+  CHECK(refused.connect_ec.message() == "authentication failed: the peers do not hold the same key");
+  CHECK(refused.accept_ec == sl::errc::authentication_failed);
+  CHECK(refused.sender == 0);
+  CHECK_FALSE(refused.conn.has_value());
+
+  sv::options none;
+  none.allow_unauthenticated = true;
+  std::optional<sv::verbs_transport> keyless;
+  (void)stderr_of([&] { keyless.emplace(io.get_executor(), none); });
+  auto also_refused = connect(io, *keyless, r, {1, 0});
+  CHECK(also_refused.connect_ec == sl::errc::authentication_failed);
+  CHECK(also_refused.accept_ec == sl::errc::peer_disconnected);  // it left instead of proving
+  CHECK_FALSE(also_refused.conn.has_value());
+
+  // And a keyed sender never talks to a receiver that holds no key.
+  std::optional<sv::verbs_transport> open_t;
+  (void)stderr_of([&] { open_t.emplace(io.get_executor(), none); });
+  sv::verbs_transport::receiver open_r(*open_t, listen_endpoint());
+  open_r.expose("model", open_r.allocate(4096));
+  auto wary = connect(io, t, open_r, {1, 0});
+  CHECK(wary.connect_ec == sl::errc::authentication_failed);
+  CHECK_FALSE(wary.conn.has_value());
+
+  std::vector<std::byte> staging(4096);
+  fill(staging, 19);
+  auto reg = t.register_memory(staging);
+  auto legit = connect(io, t, r, {1, 0});
+  REQUIRE_FALSE(legit.accept_ec);
+  REQUIRE_FALSE(legit.connect_ec);
+  notice_log log;
+  log.wait(r);
+  CHECK(write_and_notify(io, *legit.conn, sl::make_write(reg.region(), staging, legit.conn->remote_regions().regions()[0]),
+                         sl::notice_kind::commit, 1));
+  REQUIRE(run_until(io, [&] { return log.got.size() == 1; }));
+  CHECK(same(staging, arena));
 }

@@ -37,7 +37,7 @@ TEST_CASE("verbs transport: no RDMA device is a clear error at construction") {
   if (!sv::device_list().empty()) return;  // the device suite covers the named case there
   asio::io_context io;
   try {
-    sv::verbs_transport t(io.get_executor());
+    sv::verbs_transport t(io.get_executor(), keyed());
     FAIL("a transport without a device should not construct");
   } catch (const sl::error& e) {
     CHECK(e.code() == sl::errc::no_device);
@@ -154,7 +154,7 @@ TEST_CASE("verbs transport: notices arrive in order, after the bytes of every wr
     const int versions = 12;
     const std::size_t slot = 64 << 10;
     asio::io_context io;
-    sv::verbs_transport t(io.get_executor(), o);
+    sv::verbs_transport t(io.get_executor(), keyed(o));
     sv::verbs_transport::receiver r(t, listen_endpoint());
     auto arena = r.allocate(slot * versions);
     r.expose("model", arena);
@@ -408,7 +408,7 @@ TEST_CASE("verbs transport: a receiver process killed mid-update fails the sende
     ::close(fds[0]);
     try {
       asio::io_context io;
-      sv::verbs_transport t(io.get_executor());
+      sv::verbs_transport t(io.get_executor(), keyed());
       sv::verbs_transport::receiver r(t, listen_endpoint());
       auto arena = r.allocate(16 << 20);
       r.expose("model", arena);
@@ -432,7 +432,7 @@ TEST_CASE("verbs transport: a receiver process killed mid-update fails the sende
   asio::io_context io;
   sv::options o;
   o.timeout = 12;  // ~17 ms per try: the bound without the control socket
-  sv::verbs_transport t(io.get_executor(), o);
+  sv::verbs_transport t(io.get_executor(), keyed(o));
   std::vector<std::byte> staging(1 << 20);
   auto reg = t.register_memory(staging);
   auto ep = listen_endpoint();
@@ -515,7 +515,7 @@ asio::awaitable<void> token_tour(sv::verbs_transport* t, sv::verbs_transport::re
 TEST_CASE("verbs transport: every initiating function takes callbacks, futures, deferred and awaitables") {
   if (!have_device()) return;
   asio::io_context io;
-  sv::verbs_transport t(io.get_executor());
+  sv::verbs_transport t(io.get_executor(), keyed());
   sv::verbs_transport::receiver r(t, listen_endpoint());
   auto arena = r.allocate(64 << 10);
   r.expose("model", arena);
@@ -533,7 +533,7 @@ TEST_CASE("verbs transport: a receiver that never answers makes async_connect ti
   asio::io_context io;
   sv::options o;
   o.connect_timeout = 300ms;
-  sv::verbs_transport t(io.get_executor(), o);
+  sv::verbs_transport t(io.get_executor(), keyed(o));
   // A plain TCP listener: accepts (in the kernel backlog) and never replies.
   asio::ip::tcp::acceptor silent(io, listen_endpoint());
   std::error_code result;

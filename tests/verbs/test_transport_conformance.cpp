@@ -34,7 +34,7 @@ struct verbs_fixture {
   static bool usable() { return verbs_test::have_device(); }
 
   asio::io_context io;
-  transport_type transport{io.get_executor()};
+  transport_type transport{io.get_executor(), verbs_test::keyed()};  // authenticated, as users must
 
   endpoint make_endpoint(std::size_t notice_depth = 64) {
     return endpoint{transport_type::receiver(transport, verbs_test::listen_endpoint(), notice_depth)};

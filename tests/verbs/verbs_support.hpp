@@ -29,6 +29,22 @@ inline bool have_device() {
   return false;
 }
 
+// The suites' fixed key: every transport of a test holds it unless the test says otherwise.
+inline const sl::shared_key& test_key() {
+  static const sl::shared_key k = [] {
+    std::vector<std::byte> b(sl::shared_key::size);
+    for (std::size_t i = 0; i < b.size(); ++i) b[i] = static_cast<std::byte>(0x40 + i);
+    return sl::shared_key::from_bytes(b);
+  }();
+  return k;
+}
+
+// `o` with the suites' key, unless it holds a key or asks to run without one.
+inline sv::options keyed(sv::options o = {}) {
+  if (!o.key && !o.allow_unauthenticated) o.key = test_key();
+  return o;
+}
+
 inline asio::ip::tcp::endpoint listen_endpoint() {
   const char* a = std::getenv("RXE_ADDRESS");
   return {asio::ip::make_address(a && *a ? a : "127.0.0.2"), 0};
@@ -113,7 +129,7 @@ struct pair {
   using transport_type = sv::basic_verbs_transport<Mode, asio::io_context::executor_type>;
   explicit pair(sv::options o = {}, std::size_t region_bytes = 1 << 20, std::size_t regions = 4,
                 sl::sender_identity who = {})
-      : t(io.get_executor(), o), r(t, listen_endpoint()) {
+      : t(io.get_executor(), keyed(std::move(o))), r(t, listen_endpoint()) {
     arena = r.allocate(region_bytes * regions);
     for (std::size_t i = 0; i < regions; ++i)
       r.expose("layer" + std::to_string(i) + ".weight",

@@ -1,11 +1,16 @@
 // shardline/transport/detail/handshake.hpp: the handshake every transport with a control
 // socket runs (shm over a Unix socket, verbs over TCP), as two composed operations over any
 // stream socket, each bounded by one deadline:
-//   sender:   connect, hello ->, <- verdict, then the transport's own exchange;
-//   receiver: accept, <- hello, judge it, verdict ->, then the transport's own exchange.
-// Frames are transport/detail/control.hpp's; nothing here allocates from a length the peer
-// chose. What a later protocol adds to every transport (a challenge before the verdict, say)
-// goes into these two operations.
+//   sender:   connect, hello ->, [proof of the key], <- verdict, then the transport's own exchange;
+//   receiver: accept, <- hello, [proof of the key], judge it, verdict ->, then the transport's
+//             own exchange.
+// The proof of the key (transport/detail/psk_auth.hpp) runs when the caller passes a key:
+// network transports do; shm, whose peers the kernel vouches for (SO_PEERCRED), does not, and
+// its handshake instantiates no key code (nor needs libsodium).
+// With a key, a peer that has not proved it is neither judged nor told a verdict.
+// Frames are transport/detail/control.hpp's and psk_auth.hpp's; nothing here allocates from a
+// length the peer chose. What a later protocol adds to every transport goes into these two
+// operations.
 #pragma once
 
 #include <shardline/error.hpp>
@@ -23,7 +28,10 @@
 
 #include <array>
 #include <chrono>
+#include <cstdint>
+#include <cstring>
 #include <memory>
+#include <optional>
 #include <string_view>
 #include <system_error>
 #include <utility>
@@ -55,10 +63,17 @@ struct judgement {
 /// How often a receiver's handshake asks a judge again that said `retry`.
 inline constexpr unsigned max_judge_retries = 64;
 
+/// The proof step of a handshake that proves no key. A key type names its proof as
+/// `Key::proof` (shared_key: psk_session, transport/detail/psk_auth.hpp): constructed from the
+/// key, it holds `challenge`, `proof` and `answer` frames, and makes and checks them.
+struct no_key_proof {
+  static constexpr bool proves_key = false;
+};
+
 /// One handshake's deadline and frames, at a stable address while the operation moves.
 /// When the deadline passes the socket is closed: the pending step fails, and the handshake
 /// reports asio::error::timed_out instead of that failure.
-template <class Socket>
+template <class Socket, class Proof = no_key_proof>
 class handshake_state {
   using timer_type = asio::basic_waitable_timer<std::chrono::steady_clock,
                                                 asio::wait_traits<std::chrono::steady_clock>,
@@ -97,10 +112,12 @@ public:
   }
 
   std::shared_ptr<Socket> socket;
+  std::string_view magic;
   hello_frame hello{};
   verdict_frame verdict{};
   sender_identity who;
   std::error_code refusal;
+  std::optional<Proof> psk;  // engaged when the handshake proves a key
 
 private:
   timer_type timer_;
@@ -120,11 +137,20 @@ std::error_code handshake_step(Self& self, std::error_code ec, bool first) {
   return ec;
 }
 
-template <class Socket, class Exchange>
-struct sender_handshake_op {
-  enum class step { start, connected, hello_sent, verdict_read, exchanged };
+// What a keyed sender makes of 4 bytes where a challenge belongs: a receiver that does not
+// authenticate answers with its verdict; anything else is garbage.
+inline std::error_code not_a_challenge(const verdict_frame& lead) {
+  return get_le<std::uint32_t>(lead.data()) <= static_cast<std::uint32_t>(last_errc)
+             ? make_error_code(errc::authentication_failed)
+             : make_error_code(errc::protocol_error);
+}
 
-  std::unique_ptr<handshake_state<Socket>> d;
+template <class Socket, class Exchange, class Proof>
+struct sender_handshake_op {
+  enum class step { start, connected, hello_sent, lead_read, challenge_read, proof_sent, answer_read, verdict_read,
+                    exchanged };
+
+  std::unique_ptr<handshake_state<Socket, Proof>> d;
   typename Socket::endpoint_type peer;
   std::chrono::steady_clock::duration timeout;
   Exchange exchange;
@@ -144,10 +170,22 @@ struct sender_handshake_op {
         return asio::async_write(*d->socket, asio::buffer(d->hello), std::move(self));
       case step::hello_sent:
         if (ec) return finish(self, ec);
-        at = step::verdict_read;
+        // Keyed: the first 4 bytes open the receiver's challenge, or are a keyless receiver's
+        // verdict (read into the verdict's frame either way).
+        at = d->psk ? step::lead_read : step::verdict_read;
         return asio::async_read(*d->socket, asio::buffer(d->verdict), std::move(self));
+      case step::lead_read:
+      case step::challenge_read:
+      case step::proof_sent:
+      case step::answer_read:
+        if constexpr (Proof::proves_key) return prove(self, ec);
+        else return finish(self, make_error_code(errc::protocol_error));  // never: no steps to prove a key
       case step::verdict_read: {
         if (ec) return finish(self, ec);
+        // Keyless, facing a receiver that asks for a key.
+        if constexpr (Proof::proves_key)
+          if (!d->psk && Proof::opens_challenge(d->verdict))
+            return finish(self, make_error_code(errc::authentication_failed));
         if (auto refusal = decode_verdict(d->verdict)) return finish(self, refusal);
         at = step::exchanged;
         auto x = exchange;  // `self` (and this op with it) moves into the exchange
@@ -155,6 +193,34 @@ struct sender_handshake_op {
       }
       case step::exchanged:
         return finish(self, ec);
+    }
+  }
+
+  // Challenge in, proof out, the receiver's answer in; then the verdict.
+  template <class Self>
+  void prove(Self& self, std::error_code ec) {
+    if (ec) return finish(self, ec);
+    auto& p = *d->psk;
+    switch (at) {
+      case step::lead_read:
+        // Nothing goes out to a receiver that does not authenticate: not even our proof.
+        if (!Proof::opens_challenge(d->verdict)) return finish(self, not_a_challenge(d->verdict));
+        std::memcpy(p.challenge.data(), d->verdict.data(), d->verdict.size());
+        at = step::challenge_read;
+        return asio::async_read(*d->socket, asio::buffer(p.challenge) + d->verdict.size(), std::move(self));
+      case step::challenge_read:
+        p.make_proof(d->magic, d->hello);
+        at = step::proof_sent;
+        return asio::async_write(*d->socket, asio::buffer(p.proof), std::move(self));
+      case step::proof_sent:
+        at = step::answer_read;
+        return asio::async_read(*d->socket, asio::buffer(p.answer), std::move(self));
+      case step::answer_read:
+        if (auto failed = p.check_answer(d->magic, d->hello)) return finish(self, failed);
+        at = step::verdict_read;
+        return asio::async_read(*d->socket, asio::buffer(d->verdict), std::move(self));
+      default:
+        return finish(self, make_error_code(errc::protocol_error));  // never
     }
   }
 
@@ -167,32 +233,58 @@ struct sender_handshake_op {
 
 /// The sender's handshake on `socket` (owned by the caller; an aliasing shared_ptr into the
 /// caller's state is fine): connects to `peer`, says hello as `who` in `magic`'s dialect,
-/// reads the verdict and, when admitted, runs `exchange(socket, handler)`, the transport's
-/// own part, an asynchronous operation completing with void(std::error_code). All of it is
-/// bounded by `timeout`. Completion void(std::error_code): the receiver's refusal, a socket
-/// error (errc::peer_disconnected for the peer going), asio::error::timed_out, the
-/// exchange's error, or operation_aborted when the handler's slot emits any cancellation.
+/// with a `key` proves it holds that key and checks that the receiver holds it too, reads
+/// the verdict and, when admitted, runs `exchange(socket, handler)`, the transport's own
+/// part, an asynchronous operation completing with void(std::error_code). All of it is
+/// bounded by `timeout`. Completion void(std::error_code): the receiver's refusal,
+/// errc::authentication_failed (with a key: the receiver holds another key, or none, or
+/// its proof does not hold; without one: the receiver asks for a key), a socket error
+/// (errc::peer_disconnected for the peer going), asio::error::timed_out, the exchange's
+/// error, or operation_aborted when the handler's slot emits any cancellation.
 /// The handler's executor, allocator and cancellation slot are the handshake's (async_compose).
+/// `Key`: shared_key (transport/detail/psk_auth.hpp); an empty optional runs no proof, but
+/// still tells a receiver that asks for one (authentication_failed).
+template <class Socket, class Key, class Exchange, class Token>
+auto async_handshake_as_sender(std::shared_ptr<Socket> socket, typename Socket::endpoint_type peer,
+                               std::string_view magic, const sender_identity& who,
+                               std::chrono::steady_clock::duration timeout, const std::optional<Key>& key,
+                               Exchange exchange, Token&& token) {
+  using proof = typename Key::proof;
+  auto d = std::make_unique<handshake_state<Socket, proof>>(socket);
+  d->magic = magic;
+  d->hello = encode_hello(magic, who);
+  d->who = who;
+  if (key) d->psk.emplace(*key);
+  auto ex = socket->get_executor();
+  return asio::async_compose<Token, void(std::error_code)>(
+      sender_handshake_op<Socket, Exchange, proof>{std::move(d), std::move(peer), timeout, std::move(exchange)},
+      token, ex);
+}
+
+/// The sender's handshake without a key: for transports whose peers are vouched for another
+/// way (shm: the kernel's SO_PEERCRED).
 template <class Socket, class Exchange, class Token>
 auto async_handshake_as_sender(std::shared_ptr<Socket> socket, typename Socket::endpoint_type peer,
                                std::string_view magic, const sender_identity& who,
                                std::chrono::steady_clock::duration timeout, Exchange exchange, Token&& token) {
   auto d = std::make_unique<handshake_state<Socket>>(socket);
+  d->magic = magic;
   d->hello = encode_hello(magic, who);
   d->who = who;
   auto ex = socket->get_executor();
   return asio::async_compose<Token, void(std::error_code)>(
-      sender_handshake_op<Socket, Exchange>{std::move(d), std::move(peer), timeout, std::move(exchange)}, token,
-      ex);
+      sender_handshake_op<Socket, Exchange, no_key_proof>{std::move(d), std::move(peer), timeout,
+                                                          std::move(exchange)},
+      token, ex);
 }
 
-template <class Acceptor, class Socket, class Hooks>
+template <class Acceptor, class Socket, class Hooks, class Proof>
 struct receiver_handshake_op {
-  enum class step { start, accepted, hello_read, judged, verdict_sent, exchanged };
+  enum class step { start, accepted, hello_read, challenge_sent, proof_read, answer_sent, judged, verdict_sent,
+                    exchanged };
 
   Acceptor* acceptor;
-  std::unique_ptr<handshake_state<Socket>> d;
-  std::string_view magic;
+  std::unique_ptr<handshake_state<Socket, Proof>> d;
   std::chrono::steady_clock::duration timeout;
   Hooks hooks;
   step at = step::start;
@@ -214,21 +306,17 @@ struct receiver_handshake_op {
         return asio::async_read(*d->socket, asio::buffer(d->hello), std::move(self));
       case step::hello_read:
         if (ec) return finish(self, ec);
-        d->refusal = decode_hello(magic, d->hello, d->who);
-        at = step::judged;
-        [[fallthrough]];
-      case step::judged: {
+        if constexpr (Proof::proves_key)
+          if (d->psk) return prove(self, ec);
+        return judge_hello(self);
+      case step::challenge_sent:
+      case step::proof_read:
+      case step::answer_sent:
+        if constexpr (Proof::proves_key) return prove(self, ec);
+        else return finish(self, make_error_code(errc::protocol_error));  // never: no steps to prove a key
+      case step::judged:
         if (ec) return finish(self, ec);
-        if (!d->refusal) {
-          const judgement j = hooks.judge(d->who);
-          if (j.retry && retries++ < max_judge_retries)
-            return asio::post(d->socket->get_executor(), std::move(self));
-          d->refusal = j.refusal;
-        }
-        d->verdict = encode_verdict(d->refusal);
-        at = step::verdict_sent;
-        return asio::async_write(*d->socket, asio::buffer(d->verdict), std::move(self));
-      }
+        return judge(self);
       case step::verdict_sent: {
         // A refused peer reads its verdict, then end of file.
         if (d->refusal) return finish(self, d->refusal);
@@ -242,6 +330,56 @@ struct receiver_handshake_op {
     }
   }
 
+  // Whatever the hello says, the peer hears nothing but a challenge until it proved the key:
+  // the hello is judged only then (the MACs cover it as it came).
+  template <class Self>
+  void prove(Self& self, std::error_code ec) {
+    auto& p = *d->psk;
+    switch (at) {
+      case step::hello_read:
+        p.make_challenge();
+        at = step::challenge_sent;
+        return asio::async_write(*d->socket, asio::buffer(p.challenge), std::move(self));
+      case step::challenge_sent:
+        if (ec) return finish(self, ec);
+        at = step::proof_read;
+        return asio::async_read(*d->socket, asio::buffer(p.proof), std::move(self));
+      case step::proof_read:
+        if (ec) return finish(self, ec);
+        d->refusal = p.check_proof(d->magic, d->hello);
+        at = step::answer_sent;
+        return asio::async_write(*d->socket, asio::buffer(p.answer), std::move(self));
+      case step::answer_sent:
+        // A peer without the key reads a failed status, then end of file.
+        if (d->refusal) return finish(self, d->refusal);
+        if (ec) return finish(self, ec);
+        return judge_hello(self);
+      default:
+        return finish(self, make_error_code(errc::protocol_error));  // never
+    }
+  }
+
+  template <class Self>
+  void judge_hello(Self& self) {
+    d->refusal = decode_hello(d->magic, d->hello, d->who);
+    judge(self);
+  }
+
+  template <class Self>
+  void judge(Self& self) {
+    if (!d->refusal) {
+      const judgement j = hooks.judge(d->who);
+      if (j.retry && retries++ < max_judge_retries) {
+        at = step::judged;
+        return asio::post(d->socket->get_executor(), std::move(self));
+      }
+      d->refusal = j.refusal;
+    }
+    d->verdict = encode_verdict(d->refusal);
+    at = step::verdict_sent;
+    asio::async_write(*d->socket, asio::buffer(d->verdict), std::move(self));
+  }
+
   template <class Self>
   void finish(Self& self, std::error_code ec) {
     ec = d->end(ec);
@@ -251,21 +389,44 @@ struct receiver_handshake_op {
 };
 
 /// The receiver's handshake: accepts one peer from `acceptor` into `socket`, reads its
-/// hello in `magic`'s dialect, asks `hooks.judge(identity)` (a judgement), answers with the
-/// verdict and, when admitted, runs `hooks(socket, identity, handler)`, the transport's own
-/// part, completing with void(std::error_code). Everything after the accept is bounded by
-/// `timeout`. Completion void(std::error_code, sender_identity), the identity as the hello
-/// said (zero when it did not parse): errc::protocol_error or protocol_version_mismatch for
-/// a hello that is not one, the judge's refusal, a socket error (errc::peer_disconnected for
-/// the peer going), asio::error::timed_out, the exchange's error, or operation_aborted when
-/// the handler's slot emits any cancellation. A failed handshake leaves the socket closed.
+/// hello in `magic`'s dialect; with a `key`, challenges the peer to prove it holds that key
+/// (and, once it did, proves the same); asks `hooks.judge(identity)` (a judgement), answers
+/// with the verdict and, when admitted, runs `hooks(socket, identity, handler)`, the
+/// transport's own part, completing with void(std::error_code). With a key, a peer that
+/// does not prove it receives the challenge and a failed status, nothing else. Everything
+/// after the accept is bounded by `timeout`. Completion void(std::error_code,
+/// sender_identity), the identity as the hello said (zero when it did not parse, or the
+/// peer did not prove the key): errc::authentication_failed for a proof that does not hold,
+/// errc::protocol_error or protocol_version_mismatch for a hello that is not one, the
+/// judge's refusal, a socket error (errc::peer_disconnected for the peer going),
+/// asio::error::timed_out, the exchange's error, or operation_aborted when the handler's
+/// slot emits any cancellation. A failed handshake leaves the socket closed.
+/// `Key`: shared_key (transport/detail/psk_auth.hpp); an empty optional runs no proof.
+template <class Acceptor, class Socket, class Key, class Hooks, class Token>
+auto async_handshake_as_receiver(Acceptor& acceptor, std::shared_ptr<Socket> socket, std::string_view magic,
+                                 std::chrono::steady_clock::duration timeout, const std::optional<Key>& key,
+                                 Hooks hooks, Token&& token) {
+  using proof = typename Key::proof;
+  auto ex = socket->get_executor();
+  auto d = std::make_unique<handshake_state<Socket, proof>>(std::move(socket));
+  d->magic = magic;
+  if (key) d->psk.emplace(*key);
+  return asio::async_compose<Token, void(std::error_code, sender_identity)>(
+      receiver_handshake_op<Acceptor, Socket, Hooks, proof>{&acceptor, std::move(d), timeout, std::move(hooks)},
+      token, ex);
+}
+
+/// The receiver's handshake without a key: for transports whose peers are vouched for
+/// another way (shm: the kernel's SO_PEERCRED).
 template <class Acceptor, class Socket, class Hooks, class Token>
 auto async_handshake_as_receiver(Acceptor& acceptor, std::shared_ptr<Socket> socket, std::string_view magic,
                                  std::chrono::steady_clock::duration timeout, Hooks hooks, Token&& token) {
   auto ex = socket->get_executor();
+  auto d = std::make_unique<handshake_state<Socket>>(std::move(socket));
+  d->magic = magic;
   return asio::async_compose<Token, void(std::error_code, sender_identity)>(
-      receiver_handshake_op<Acceptor, Socket, Hooks>{
-          &acceptor, std::make_unique<handshake_state<Socket>>(std::move(socket)), magic, timeout, std::move(hooks)},
+      receiver_handshake_op<Acceptor, Socket, Hooks, no_key_proof>{&acceptor, std::move(d), timeout,
+                                                                   std::move(hooks)},
       token, ex);
 }
 

@@ -1,9 +1,12 @@
 // shardline/transport/verbs/options.hpp: how the verbs transport is tuned.
 #pragma once
 
+#include <shardline/transport/detail/psk_auth.hpp>
+
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 namespace shardline::verbs {
@@ -33,6 +36,14 @@ struct options {
   unsigned spin_polls = 16;         ///< adaptive mode: empty polls before sleeping on the fd
   std::chrono::milliseconds fallback_poll{50};  ///< a missed CQ event cannot hang an update
   std::chrono::milliseconds connect_timeout{10000};  ///< bounds async_connect, and each handshake of async_accept
+  /// The key both ends of a control connection must hold: each proves it before the
+  /// receiver sends anything but a challenge (no verdict, QP, region table or rkey), so only
+  /// holders of the key can write the receiver's memory. Sender and receiver need the same.
+  std::optional<shared_key> key;
+  /// Without a key the transport refuses to be constructed unless this is true: then anyone
+  /// who reaches the receiver's control port can write the weights, and each transport
+  /// object says so on stderr. Ignored when `key` is set.
+  bool allow_unauthenticated = false;
 };
 
 }  // namespace shardline::verbs

@@ -29,6 +29,7 @@
 
 #include <array>
 #include <chrono>
+#include <cstdio>
 #include <memory>
 #include <optional>
 #include <span>
@@ -47,10 +48,12 @@ namespace shardline::verbs {
 /// sender, async_wait_notification() for their notices.
 ///
 /// The control connection (TCP) carries, in order: the sender's hello
-/// (shardline::detail::encode_hello("SLVB", identity)); the receiver's verdict (admitted,
-/// or the errc of the refusal, after which it closes that socket); only once admitted, the
-/// QP exchange and the region table (detail/wire.hpp); then notice frames, each
-/// acknowledged by its echo. Its end is how each side learns that the other left.
+/// (shardline::detail::encode_hello("SLVB", identity)); the proof, each way, that both
+/// hold options::key (transport/detail/psk_auth.hpp; a peer that does not prove it gets a
+/// challenge and a failed status, nothing else); the receiver's verdict (admitted, or the
+/// errc of the refusal, after which it closes that socket); only once admitted, the QP
+/// exchange and the region table (detail/wire.hpp); then notice frames, each acknowledged
+/// by its echo. Its end is how each side learns that the other left.
 ///
 /// Thread safety: distinct objects safe; shared objects unsafe. Every object of one
 /// transport is used from the executor's thread (an io_context run by one thread, or a
@@ -64,13 +67,22 @@ public:
   static constexpr memory_kinds source_kinds{memory_kind::host, memory_kind::host_pinned};
   static constexpr memory_kinds destination_kinds{memory_kind::host, memory_kind::host_pinned};
 
-  /// Opens the device. Throws shardline::error(errc::no_device, "no RDMA device: ...")
-  /// when there is none (or the named one is missing, or has no active port / RoCE v2
-  /// IPv4 GID).
+  /// Opens the device. Throws shardline::error: errc::invalid_argument, before touching
+  /// the device, when `opts` has no key and does not set allow_unauthenticated;
+  /// errc::no_device ("no RDMA device: ...") when there is none (or the named one is
+  /// missing, or has no active port / RoCE v2 IPv4 GID). Unauthenticated, it writes one
+  /// warning to stderr.
   explicit basic_verbs_transport(const executor_type& ex, options opts = {})
       : executor_(ex),
-        opts_(std::move(opts)),
-        device_(std::make_shared<device>(opts_.device, opts_.port, opts_.gid_index)) {}
+        opts_(require_key_choice(std::move(opts))),
+        device_(std::make_shared<device>(opts_.device, opts_.port, opts_.gid_index)) {
+    if (!opts_.key)
+      std::fprintf(stderr,
+                   "shardline: warning: verbs transport on %s runs unauthenticated "
+                   "(options::allow_unauthenticated): anyone who reaches its control port can write the "
+                   "weights; set options::key\n",
+                   device_->name().c_str());
+  }
 
   executor_type get_executor() const noexcept { return executor_; }
   const options& get_options() const noexcept { return opts_; }
@@ -272,8 +284,10 @@ public:
 
     const region_table& regions() const noexcept { return state_->table(); }
 
-    /// Accepts one sender: reads its hello; refuses it (verdict, then closes that socket)
-    /// for another protocol version (errc::protocol_version_mismatch), garbage
+    /// Accepts one sender: reads its hello; with options::key, challenges it to prove the
+    /// key and drops it with errc::authentication_failed (a failed status, then the end of
+    /// the connection: no verdict, QP or region table) when it does not; refuses it (verdict,
+    /// then closes that socket) for another protocol version (errc::protocol_version_mismatch), garbage
     /// (errc::protocol_error), an identity admit() does not allow (errc::unknown_sender,
     /// errc::plan_mismatch) or a sender id that is already connected
     /// (errc::invalid_argument; a predecessor whose end of connection this side has not
@@ -406,8 +420,8 @@ public:
         self.reset_cancellation_state(asio::enable_total_cancellation());
         p = state->new_peer();
         shardline::detail::async_handshake_as_receiver(state->acceptor(), std::shared_ptr<socket_type>(p, &p->socket),
-                                                       detail::hello_magic, timeout, accept_hooks{state, p},
-                                                       std::move(self));
+                                                       detail::hello_magic, timeout, state->opts().key,
+                                                       accept_hooks{state, p}, std::move(self));
       }
 
       template <class Self>
@@ -428,7 +442,9 @@ public:
 
   /// Connects to the receiver listening at `peer` as sender `who`: TCP control
   /// connection, hello and verdict, then QP set-up (INIT -> RTR -> RTS) and the region
-  /// table. Completion void(std::error_code, connection): the receiver's refusal
+  /// table. Completion void(std::error_code, connection): errc::authentication_failed when
+  /// the receiver does not hold options::key (another key, or none; or, keyless, when it
+  /// asks for one), before our QPs are sent; the receiver's refusal
   /// (errc::unknown_sender, errc::plan_mismatch, errc::invalid_argument when a sender with
   /// this id is connected, errc::protocol_version_mismatch); the system error of connect;
   /// asio::error::timed_out after options::connect_timeout; errc::peer_disconnected when
@@ -446,6 +462,16 @@ public:
   }
 
 private:
+  static options require_key_choice(options o) {
+    if (!o.key && !o.allow_unauthenticated)
+      throw error(make_error_code(errc::invalid_argument),
+                  "verbs transport: options::key is not set: give both ends the same key "
+                  "(shardline::shared_key::from_file or from_environment), or set "
+                  "options::allow_unauthenticated = true to let anyone who reaches the control port write "
+                  "the weights");
+    return o;
+  }
+
   using cstate = detail::connection_state<Mode, Executor>;
   using socket_type = typename cstate::socket_type;
 
@@ -522,7 +548,8 @@ private:
       self.reset_cancellation_state(asio::enable_total_cancellation());
       shardline::detail::async_handshake_as_sender(
           std::shared_ptr<socket_type>(state, &state->socket()), peer, detail::hello_magic, who,
-          t->opts_.connect_timeout, connect_exchange{state, t->device_, t->opts_.queue_pairs}, std::move(self));
+          t->opts_.connect_timeout, t->opts_.key, connect_exchange{state, t->device_, t->opts_.queue_pairs},
+          std::move(self));
     }
 
     template <class Self>
