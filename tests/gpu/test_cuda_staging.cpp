@@ -127,7 +127,11 @@ TEST_CASE("cuda staging: device staging is aligned, on its device, and freed" * 
       REQUIRE(cudaPointerGetAttributes(&a, block.bytes().data()) == cudaSuccess);
       CHECK(a.type == cudaMemoryTypeDevice);
       CHECK(a.device == d);
+      // cudaMemset works on the current device's memory: make it block's device (d > 0 on a
+      // machine with several GPUs).
+      REQUIRE(cudaSetDevice(d) == cudaSuccess);
       CHECK(cudaMemset(block.bytes().data(), 0, bytes) == cudaSuccess);
+      REQUIRE(cudaSetDevice(0) == cudaSuccess);
       CHECK(free_device_memory(d) + bytes <= before);
     }
     CHECK(free_device_memory(d) + (64u << 20) >= before);
