@@ -35,11 +35,12 @@ enum class errc {
   version_abandoned,     ///< a version that can never commit (a sender failed or left mid-version)
   ack_timeout,           ///< a peer did not acknowledge a notice in time
   authentication_failed, ///< the peer did not prove that it holds the shared key (or holds another)
+  peer_not_allowed,      ///< the peer's kernel credentials (uid) do not allow it to connect
 };
 
 namespace detail {
 /// The highest errc value; wire formats that carry an errc refuse anything above it.
-inline constexpr errc last_errc = errc::authentication_failed;
+inline constexpr errc last_errc = errc::peer_not_allowed;
 }  // namespace detail
 
 namespace detail {
@@ -71,6 +72,7 @@ public:
       case errc::version_abandoned: return "version abandoned";
       case errc::ack_timeout: return "peer did not acknowledge in time";
       case errc::authentication_failed: return "authentication failed: the peers do not hold the same key";
+      case errc::peer_not_allowed: return "the peer's credentials do not allow it to connect";
     }
     return "unknown shardline error";
   }

@@ -28,6 +28,7 @@
 #include <tuple>
 #include <vector>
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/time.h>
@@ -282,8 +283,9 @@ public:
       sl::detail::hello_frame hello{};
       if (::recv(fd, hello.data(), hello.size(), MSG_WAITALL) != static_cast<ssize_t>(hello.size())) return;
       raw_send(fd, sl::detail::encode_verdict({}));
-      sl::detail::unique_fd arena(::memfd_create("fake-arena", MFD_CLOEXEC));
+      sl::detail::unique_fd arena(::memfd_create("fake-arena", MFD_CLOEXEC | MFD_ALLOW_SEALING));
       if (::ftruncate(arena.get(), static_cast<off_t>(arena_bytes)) != 0) return;
+      if (::fcntl(arena.get(), F_ADD_SEALS, sl::detail::arena_seals) != 0) return;  // senders refuse unsealed arenas
       std::string payload;
       sl::detail::put_le<std::uint64_t>(payload, base);
       sl::detail::put_le<std::uint64_t>(payload, arena_bytes);

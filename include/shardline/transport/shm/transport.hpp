@@ -36,12 +36,15 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <exception>
+#include <functional>
 #include <map>
 #include <memory>
 #include <span>
@@ -52,12 +55,23 @@
 #include <utility>
 #include <vector>
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/types.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 namespace shardline {
+
+/// The process at the other end of a receiver's socket, as the kernel recorded it when that
+/// process connected (SO_PEERCRED): a peer cannot claim other credentials.
+struct shm_peer_credentials {
+  pid_t pid = 0;
+  uid_t uid = 0;
+  gid_t gid = 0;
+};
 
 /// Tuning of the shm transport.
 struct shm_options {
@@ -70,6 +84,17 @@ struct shm_options {
   /// Notices a receiver queues before async_wait_notification takes them. Past it, senders'
   /// notices wait for their acknowledgement; 0: each waits for an async_wait_notification.
   std::size_t notice_depth = 64;
+  /// Receivers: which processes may connect, judged from their kernel credentials once their
+  /// hello arrived and before it is answered. Empty (the default): processes running as the
+  /// receiver's effective uid. A refused peer gets the verdict errc::peer_not_allowed and end
+  /// of file, never an arena or the region table. The socket file is created 0600 whatever
+  /// this says: a peer of another uid also needs the file's permissions widened (chmod,
+  /// chown) to reach the receiver at all.
+  std::function<bool(const shm_peer_credentials&)> allow_peer;
+  /// Senders: the most bytes of arena list and region table accepted from a receiver
+  /// (errc::protocol_error past it). The buffer grows as bytes arrive, never ahead of them to
+  /// the length the receiver announced.
+  std::size_t max_handshake_bytes = std::size_t(1) << 30;
 };
 
 namespace detail {
@@ -86,7 +111,8 @@ namespace detail {
 // part of the header would drop the descriptors attached to it.
 inline constexpr std::string_view shm_magic = "SLSH";
 inline constexpr std::size_t shm_header_bytes = 16;
-inline constexpr std::uint64_t shm_max_payload = std::uint64_t(1) << 30;
+// The payload is read in pieces of at most this: memory follows the bytes that arrived.
+inline constexpr std::size_t shm_payload_piece = std::size_t(1) << 20;
 
 // Asio reports syscall failures in its own "asio.system" category, which does not compare
 // equal to std::errc values; ours use std::system_category. operation_aborted stays Asio's,
@@ -95,6 +121,18 @@ inline std::error_code shm_system_error(std::error_code ec) noexcept {
   if (ec && ec.category() == asio::error::get_system_category() && ec != asio::error::operation_aborted)
     return {ec.value(), std::system_category()};
   return ec;
+}
+
+inline bool peer_credentials(int socket, shm_peer_credentials& out) noexcept {
+  ucred c{};
+  socklen_t n = sizeof c;
+  if (::getsockopt(socket, SOL_SOCKET, SO_PEERCRED, &c, &n) != 0 || n != sizeof c) return false;
+  out = {c.pid, c.uid, c.gid};
+  return true;
+}
+
+inline std::string describe(const shm_peer_credentials& p) {
+  return "pid " + std::to_string(p.pid) + " (uid " + std::to_string(p.uid) + ", gid " + std::to_string(p.gid) + ")";
 }
 
 }  // namespace detail
@@ -134,6 +172,7 @@ class basic_shm_transport {
     explicit accept_state(const Executor& ex) : socket(ex) {}
     socket_type socket;
     std::string payload;
+    bool peer_refused = false;  // by its credentials, not by its hello
   };
 
   struct receiver_state : std::enable_shared_from_this<receiver_state> {
@@ -154,11 +193,46 @@ class basic_shm_transport {
     notice_channel notices;
     std::unordered_map<std::uint32_t, std::shared_ptr<peer_state>> peers;  // live, by sender id
     std::weak_ptr<accept_state> accepting;
+    std::string last_refusal;
+    // The socket file this receiver created: the path may name another's file by the time
+    // it closes (someone removed ours and a new receiver bound there), never delete that one.
+    dev_t socket_device = 0;
+    ino_t socket_inode = 0;
     bool path_bound = false, accepted = false, closed = false;
 
     void unlink_path() noexcept {
-      if (path_bound) ::unlink(path.c_str());
+      struct stat st {};
+      if (path_bound && ::lstat(path.c_str(), &st) == 0 && st.st_dev == socket_device && st.st_ino == socket_inode)
+        ::unlink(path.c_str());
       path_bound = false;
+    }
+
+    // Same uid unless options.allow_peer says otherwise; credentials the kernel cannot give,
+    // and a predicate that throws (inside a completion handler), refuse the peer.
+    bool peer_allowed(int socket) {
+      shm_peer_credentials peer;
+      if (!detail::peer_credentials(socket, peer)) {
+        const auto why = detail::last_system_error();
+        last_refusal = "shm receiver '" + path + "': refused a peer whose credentials could not be read (SO_PEERCRED: " +
+                       why.message() + ")";
+        return false;
+      }
+      std::string verdict;
+      if (!options.allow_peer) {
+        if (peer.uid == ::geteuid()) return true;
+        verdict = "only uid " + std::to_string(::geteuid()) + " may connect";
+      } else {
+        try {
+          if (options.allow_peer(peer)) return true;
+          verdict = "shm_options::allow_peer does not allow it";
+        } catch (const std::exception& e) {
+          verdict = std::string("shm_options::allow_peer threw: ") + e.what();
+        } catch (...) {
+          verdict = "shm_options::allow_peer threw";
+        }
+      }
+      last_refusal = "shm receiver '" + path + "': refused peer " + detail::describe(peer) + ": " + verdict;
+      return false;
     }
 
     // The index of the arena holding all of `bytes`, or -1.
@@ -209,6 +283,10 @@ class basic_shm_transport {
 
     detail::judgement judge(const sender_identity& who) const {
       auto& s = *receiver;
+      if (!s.peer_allowed(accept->socket.native_handle())) {
+        accept->peer_refused = true;
+        return {make_error_code(errc::peer_not_allowed)};
+      }
       if (auto refusal = s.admitted.check(who)) return {refusal};
       if (auto it = s.peers.find(who.sender); it != s.peers.end()) {
         const std::error_code taken = make_error_code(errc::invalid_argument);  // sender N is connected
@@ -273,6 +351,7 @@ class basic_shm_transport {
         s.acceptor.cancel(ignored);  // a pending accept would take a sender and drop it
       }
       if (s.closed) ec = asio::error::operation_aborted;
+      else if (accept->peer_refused) ec = {EACCES, std::system_category()};  // std::errc::permission_denied
       if (!ec) {
         auto p = std::make_shared<peer_state>(std::move(accept->socket), who.sender);
         s.peers[who.sender] = p;
@@ -508,16 +587,19 @@ public:
   /// its senders until close(). Move-only; closes on destruction.
   class receiver {
   public:
-    /// Listens at `socket_path` (a stale socket file there is removed). Throws
-    /// shardline::error naming the path and the cause.
+    /// Listens at `socket_path`, a socket file created 0600 whatever the umask (only its
+    /// owner, and root, can connect). A socket file already there is replaced only when
+    /// nobody listens on it (a probe connects: one a live receiver's async_accept sees as a
+    /// peer that left). Throws shardline::error naming the path and the cause:
+    /// std::errc::address_in_use when a live receiver listens there (it keeps working) or
+    /// the path is not a socket file; the system error of socket, fchmod, bind or listen.
     receiver(const executor_type& ex, std::string socket_path, shm_options options = {})
         : state_(std::make_shared<receiver_state>(ex, std::move(socket_path), options)) {
       auto& s = *state_;
       if (auto ec = path_error(s.path))
         throw error(ec, "shm receiver: socket path '" + s.path + "' must be 1 to " +
                             std::to_string(sizeof(sockaddr_un{}.sun_path) - 1) + " bytes");
-      struct stat st {};
-      if (::lstat(s.path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(s.path.c_str());
+      replace_stale_socket(s.path);
       std::error_code ec;
       auto check = [&](const char* what) {
         ec = detail::shm_system_error(ec);
@@ -525,9 +607,19 @@ public:
       };
       s.acceptor.open(asio::local::stream_protocol(), ec);
       check("open a");
+      // Linux creates the file with the socket's own mode less the umask: 0600 from here,
+      // atomically and without touching the process-wide umask other threads rely on (a
+      // chmod after bind would leave a window; a private directory would change the path).
+      if (::fchmod(s.acceptor.native_handle(), S_IRUSR | S_IWUSR) != 0) ec = detail::last_system_error();
+      check("restrict to its owner the");
       s.acceptor.bind(asio::local::stream_protocol::endpoint(s.path), ec);
       check("bind");
-      s.path_bound = true;
+      struct stat st {};
+      if (::lstat(s.path.c_str(), &st) == 0) {
+        s.socket_device = st.st_dev;
+        s.socket_inode = st.st_ino;
+        s.path_bound = true;
+      }
       s.acceptor.listen(asio::socket_base::max_listen_connections, ec);
       check("listen on");
     }
@@ -548,9 +640,12 @@ public:
     executor_type get_executor() const noexcept { return state_->executor; }
 
     /// A zeroed arena of `bytes` the senders may write into: a memfd mapped MAP_SHARED here
-    /// and, once connected, in every sender. Throws shardline::error: errc::invalid_argument
+    /// and, once connected, in every sender, sealed against shrinking and growing
+    /// (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) so its pages stay valid in every sender
+    /// as long as any maps them. Throws shardline::error: errc::invalid_argument
     /// for 0 bytes, past 253 arenas, or once a sender has connected (senders receive the
-    /// arenas when they connect); the system error of memfd_create, ftruncate or mmap.
+    /// arenas when they connect); the system error of memfd_create, ftruncate, fcntl
+    /// (F_ADD_SEALS) or mmap.
     std::span<std::byte> allocate(std::size_t bytes) {
       auto& s = *state_;
       const auto where = "shm receiver '" + s.path + "': arena of " + std::to_string(bytes) + " bytes: ";
@@ -559,7 +654,7 @@ public:
         throw error(make_error_code(errc::invalid_argument), where + "more than 253 arenas");
       if (s.accepted)
         throw error(make_error_code(errc::invalid_argument), where + "allocated after a sender connected");
-      detail::unique_fd fd(::memfd_create("shardline-arena", MFD_CLOEXEC));
+      detail::unique_fd fd(::memfd_create("shardline-arena", MFD_CLOEXEC | MFD_ALLOW_SEALING));
       if (!fd.valid()) {
         auto ec = detail::last_system_error();
         throw error(ec, where + "memfd_create failed: " + ec.message());
@@ -567,6 +662,11 @@ public:
       if (::ftruncate(fd.get(), static_cast<off_t>(bytes)) != 0) {
         auto ec = detail::last_system_error();
         throw error(ec, where + "ftruncate failed: " + ec.message());
+      }
+      // Sealed before any sender sees it: senders refuse an arena whose size could change.
+      if (::fcntl(fd.get(), F_ADD_SEALS, detail::arena_seals) != 0) {
+        auto ec = detail::last_system_error();
+        throw error(ec, where + "sealing it against resizing failed: " + ec.message());
       }
       std::error_code ec;
       auto map = detail::mapping::map_shared(fd.get(), bytes, 0, ec);
@@ -606,6 +706,10 @@ public:
     /// Whom later handshakes admit; senders already connected stay.
     void admit(admission a) noexcept { state_->admitted = a; }
 
+    /// Why the last peer refused for its credentials was refused, naming its pid, uid and
+    /// gid (async_accept completed with std::errc::permission_denied); empty before any.
+    const std::string& last_refusal() const noexcept { return state_->last_refusal; }
+
     /// Addresses are this process's addresses; a region's key is its arena's index.
     const region_table& regions() const noexcept { return state_->table; }
 
@@ -613,11 +717,14 @@ public:
     /// again for each further sender; the socket keeps listening until close(), and peers
     /// queue in its backlog meanwhile.
     ///
-    /// The handshake reads the sender's hello, checks it against admit()'s admission and the
-    /// senders connected now, answers with a verdict and, when admitted, hands over the
-    /// arenas and the region table. `sender` is the id the peer claimed (0 when its hello did
-    /// not parse). Errors, each ending this peer's connection only (the receiver goes on
-    /// listening, call again): errc::protocol_error (not a shardline hello),
+    /// The handshake reads the sender's hello, checks the peer's credentials (see
+    /// shm_options::allow_peer), then the hello against admit()'s admission and the senders
+    /// connected now, answers with a verdict and, when admitted, hands over the arenas and
+    /// the region table. `sender` is the id the peer claimed (0 when its hello did not
+    /// parse). Errors, each ending this peer's connection only (the receiver goes on
+    /// listening, call again): std::errc::permission_denied (a process that may not connect:
+    /// last_refusal() names it; it read the verdict errc::peer_not_allowed and nothing else),
+    /// errc::protocol_error (not a shardline hello),
     /// errc::protocol_version_mismatch (another control protocol version), errc::unknown_sender
     /// or errc::plan_mismatch (refused by admission), errc::invalid_argument (sender `sender`
     /// is already connected; a predecessor that hung up counts as gone, once the notices it
@@ -676,6 +783,29 @@ public:
     }
 
   private:
+    // A socket file whose receiver is gone is removed; a live receiver's is left alone and
+    // refused. Anything else at the path (not a socket) is left to bind to refuse.
+    static void replace_stale_socket(const std::string& path) {
+      struct stat probed {};
+      if (::lstat(path.c_str(), &probed) != 0 || !S_ISSOCK(probed.st_mode)) return;
+      std::error_code unknown;
+      switch (detail::probe_socket_owner(path, unknown)) {
+        case detail::socket_owner::none: return;
+        case detail::socket_owner::live:
+          throw error(make_error_code(std::errc::address_in_use),
+                      "shm receiver: socket '" + path + "' " +
+                          (unknown ? "may belong to a live receiver (probing it failed: " + unknown.message() + ")"
+                                   : "belongs to a live receiver") +
+                          "; close that one or choose another path");
+        case detail::socket_owner::stale: {
+          // Only the file probed: one bound there since belongs to someone else.
+          struct stat now {};
+          if (::lstat(path.c_str(), &now) == 0 && now.st_dev == probed.st_dev && now.st_ino == probed.st_ino)
+            ::unlink(path.c_str());
+        }
+      }
+    }
+
     std::shared_ptr<receiver_state> state_;
   };
 
@@ -776,22 +906,34 @@ public:
   };
 
   /// Connects as sender `who` to the receiver listening at `socket_path`: says hello, gets
-  /// the verdict and, when admitted, the receiver's arenas and region table, and maps them
-  /// (MAP_POPULATE: the page-table cost is paid here rather than in the first writes).
+  /// the verdict and, when admitted, the receiver's arenas and region table, and maps them,
+  /// faulting in the pages of the exposed regions now (MADV_POPULATE_WRITE: the page-table
+  /// cost is paid here rather than in the first writes, and never for more than the regions).
   /// Completion void(std::error_code, connection). Errors: the receiver's refusal
-  /// (errc::unknown_sender, errc::plan_mismatch, errc::invalid_argument when a sender with
-  /// this id is connected, errc::protocol_version_mismatch); the system error of connect
-  /// (e.g. no_such_file_or_directory, connection_refused); std::errc::timed_out after
-  /// options.connect_timeout; errc::peer_disconnected when the receiver went away
-  /// mid-handshake; errc::protocol_error for a malformed handshake; errc::invalid_argument
-  /// for a path too long for a Unix socket. Cancellable (any type) through the handler's
-  /// cancellation slot: operation_aborted.
+  /// (errc::peer_not_allowed for a process its credentials refuse; errc::unknown_sender, errc::plan_mismatch,
+  /// errc::invalid_argument when a sender with this id is connected,
+  /// errc::protocol_version_mismatch); the system error of connect (e.g.
+  /// no_such_file_or_directory, connection_refused, permission_denied for a socket file
+  /// this process may not open); std::errc::timed_out after options.connect_timeout;
+  /// errc::peer_disconnected when the receiver went away mid-handshake;
+  /// errc::protocol_error for a malformed handshake or one past options.max_handshake_bytes;
+  /// errc::unsupported_memory for an arena not sealed against resizing (F_SEAL_SHRINK,
+  /// F_SEAL_GROW, F_SEAL_SEAL) or whose pages cannot be provided; errc::invalid_argument
+  /// for a path too long for a Unix socket. last_connect_failure() says which. Cancellable
+  /// (any type) through the handler's cancellation slot: operation_aborted.
   template <class Token>
   auto async_connect(std::string socket_path, sender_identity who, Token&& token) {
     return asio::async_compose<Token, void(std::error_code, connection)>(
-        connect_op{std::make_shared<connect_state>(executor_, pool_, options_, std::move(socket_path), who), {}},
+        connect_op{std::make_shared<connect_state>(executor_, pool_, options_, std::move(socket_path), who,
+                                                   last_failure_),
+                   {}},
         token, executor_);
   }
+
+  /// Why the last async_connect that failed failed, naming the socket path and, when the
+  /// receiver handed over something this sender refuses, what (e.g. "arena 0 (4096 bytes)
+  /// is not sealed against resizing"); empty before any failure.
+  const std::string& last_connect_failure() const noexcept { return *last_failure_; }
 
   /// async_connect(socket_path, sender_identity{}, token): sender 0, no plan.
   template <class Token>
@@ -804,8 +946,9 @@ private:
   // socket operations.
   struct connect_state {
     connect_state(const Executor& ex, std::shared_ptr<asio::thread_pool> p, shm_options o, std::string path,
-                  sender_identity w)
-        : executor(ex), pool(std::move(p)), options(o), path(std::move(path)), who(w), socket(ex) {}
+                  sender_identity w, std::shared_ptr<std::string> f)
+        : executor(ex), pool(std::move(p)), options(o), path(std::move(path)), who(w), socket(ex),
+          last_failure(std::move(f)) {}
     Executor executor;
     std::shared_ptr<asio::thread_pool> pool;
     shm_options options;
@@ -816,8 +959,11 @@ private:
     std::size_t header_got = 0;
     std::vector<detail::unique_fd> fds;
     std::vector<std::byte> payload;
+    std::uint64_t payload_bytes = 0;  // announced by the header
     std::vector<typename connection_state::arena> arenas;
     region_table table;
+    std::string why;  // what was refused, for last_connect_failure()
+    std::shared_ptr<std::string> last_failure;
   };
 
   // What the shm sender adds to the shared handshake once admitted: the header with the
@@ -851,17 +997,33 @@ private:
           const auto count = detail::get_le<std::uint32_t>(c->header.data() + 4);
           const auto bytes = detail::get_le<std::uint64_t>(c->header.data() + 8);
           if (std::memcmp(c->header.data(), detail::shm_magic.data(), 4) != 0 || count != c->fds.size() ||
-              bytes > detail::shm_max_payload || bytes < 16 * std::uint64_t(count))
+              bytes < 16 * std::uint64_t(count))
             return self.complete(make_error_code(errc::protocol_error));
-          c->payload.resize(static_cast<std::size_t>(bytes));
+          if (bytes > c->options.max_handshake_bytes) {
+            c->why = "the receiver announced " + std::to_string(bytes) + " bytes of arenas and region table, past "
+                     "shm_options::max_handshake_bytes (" + std::to_string(c->options.max_handshake_bytes) + ")";
+            return self.complete(make_error_code(errc::protocol_error));
+          }
+          c->payload_bytes = bytes;
           at = step::payload;
-          return asio::async_read(c->socket, asio::buffer(c->payload), std::move(self));
+          return read_piece_of(*c, self);
         }
         case step::payload:
+          if (c->payload.size() < c->payload_bytes) return read_piece_of(*c, self);
           return self.complete(map_arenas(*c));
       }
     }
   };
+
+  // Grows the payload by the next piece and reads into it.
+  template <class Self>
+  static void read_piece_of(connect_state& c, Self& self) {
+    const std::size_t got = c.payload.size();
+    const std::size_t piece =
+        static_cast<std::size_t>(std::min<std::uint64_t>(detail::shm_payload_piece, c.payload_bytes - got));
+    c.payload.resize(got + piece);
+    asio::async_read(c.socket, asio::buffer(c.payload.data() + got, piece), std::move(self));
+  }
 
   struct connect_exchange {
     std::shared_ptr<connect_state> c;
@@ -871,6 +1033,9 @@ private:
     }
   };
 
+  // A receiver decides what it hands over: every arena must be a file whose size can never
+  // change again (a shrunk one would SIGBUS our copies), at least as long as it says, and
+  // only the pages of the regions it exposes are faulted in here.
   static std::error_code map_arenas(connect_state& c) {
     const std::byte* p = c.payload.data();
     for (auto& fd : c.fds) {
@@ -878,13 +1043,28 @@ private:
       a.remote = detail::get_le<std::uint64_t>(p);
       a.length = detail::get_le<std::uint64_t>(p + 8);
       p += 16;
+      const auto arena = "arena " + std::to_string(c.arenas.size()) + " (" + std::to_string(a.length) + " bytes)";
+      const int seals = ::fcntl(fd.get(), F_GET_SEALS);
+      if (seals < 0 || (seals & detail::arena_seals) != detail::arena_seals) {
+        const auto has = seals < 0 ? "none (not a memfd: " + detail::last_system_error().message() + ")"
+                                   : detail::seal_names(seals);
+        c.why = arena + " is not sealed against resizing: it has seals " + has + ", it needs " +
+                detail::seal_names(detail::arena_seals);
+        return make_error_code(errc::unsupported_memory);
+      }
+      // Sealed: the size read now is the size for good.
       struct stat info {};
-      // A shorter file would SIGBUS our copies; never map past its end.
-      if (::fstat(fd.get(), &info) != 0 || a.length == 0 || static_cast<std::uint64_t>(info.st_size) < a.length)
+      if (::fstat(fd.get(), &info) != 0 || !S_ISREG(info.st_mode) || a.length == 0 ||
+          static_cast<std::uint64_t>(info.st_size) < a.length) {
+        c.why = arena + " is longer than its file (" + std::to_string(info.st_size) + " bytes) or empty";
         return make_error_code(errc::protocol_error);
+      }
       std::error_code e;
-      a.map = detail::mapping::map_shared(fd.get(), static_cast<std::size_t>(a.length), MAP_POPULATE, e);
-      if (e) return e;
+      a.map = detail::mapping::map_shared(fd.get(), static_cast<std::size_t>(a.length), 0, e);
+      if (e) {
+        c.why = arena + " could not be mapped: " + e.message();
+        return e;
+      }
       c.arenas.push_back(std::move(a));
     }
     std::error_code e;
@@ -901,7 +1081,34 @@ private:
       if (r.address < a.remote || r.length > a.length || r.address - a.remote > a.length - r.length)
         return make_error_code(errc::protocol_error);
     }
-    return {};
+    // The page-table cost of the regions is paid here rather than in the first writes. The
+    // regions never overlap, so this faults in at most what the sender may write, whatever
+    // length the receiver claimed for its arenas. Neighbouring regions (a layout's
+    // parameters) go in one call.
+    struct run {
+      std::uint32_t arena = 0;
+      std::size_t begin = 0, end = 0;
+      const remote_region* first = nullptr;
+    } pending;
+    auto flush = [&]() -> std::error_code {
+      if (!pending.first) return {};
+      auto e = detail::prefault(c.arenas[pending.arena].map, pending.begin, pending.end - pending.begin);
+      if (!e) return {};
+      c.why = "the regions from '" + pending.first->name + "' on, in arena " + std::to_string(pending.arena) +
+              ", cannot be faulted in: " + e.message();
+      return e == std::errc::bad_address ? make_error_code(errc::unsupported_memory) : e;
+    };
+    for (const auto& r : c.table.regions()) {
+      const auto begin = static_cast<std::size_t>(r.address - c.arenas[r.key].remote);
+      const auto end = begin + static_cast<std::size_t>(r.length);
+      if (pending.first && r.key == pending.arena && begin >= pending.end && begin - pending.end < 4096) {
+        pending.end = end;
+        continue;
+      }
+      if (auto e = flush()) return e;
+      pending = {r.key, begin, end, &r};
+    }
+    return flush();
   }
 
   struct connect_op {
@@ -920,7 +1127,13 @@ private:
 
     template <class Self>
     void operator()(Self& self, std::error_code ec) {
-      if (ec) return self.complete(detail::shm_system_error(ec), connection(c->executor, nullptr));
+      if (ec) {
+        ec = detail::shm_system_error(ec);
+        *c->last_failure = error(ec, "shm sender: connecting to '" + c->path + "'" +
+                                         (c->why.empty() ? std::string() : ": " + c->why))
+                               .what();
+        return self.complete(ec, connection(c->executor, nullptr));
+      }
       auto s = std::make_shared<connection_state>(c->executor, c->pool, c->options, std::move(c->socket), c->who);
       s->arenas = std::move(c->arenas);
       s->table = std::move(c->table);
@@ -932,6 +1145,7 @@ private:
   executor_type executor_;
   shm_options options_;
   std::shared_ptr<asio::thread_pool> pool_;
+  std::shared_ptr<std::string> last_failure_ = std::make_shared<std::string>();
 };
 
 using shm_transport = basic_shm_transport<>;

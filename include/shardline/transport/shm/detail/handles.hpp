@@ -1,18 +1,25 @@
-// RAII for the file descriptors and mappings of the shm transport, and the SCM_RIGHTS
-// exchange that hands a receiver's arenas to each sender.
+// RAII for the file descriptors and mappings of the shm transport, the SCM_RIGHTS exchange
+// that hands a receiver's arenas to each sender, and the system calls that keep either side
+// safe from the other: sealed arenas, bounded pre-faulting, probing a socket file's owner.
 #pragma once
 
+#include <algorithm>
 #include <cerrno>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <span>
+#include <string>
 #include <system_error>
 #include <utility>
 #include <vector>
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 namespace shardline::detail {
@@ -146,6 +153,75 @@ inline std::size_t receive_with_fds(int socket, std::span<std::byte> data, std::
     }
   }
   return static_cast<std::size_t>(n);
+}
+
+/// The seals an arena carries before it is shared: its size can never change again, so no
+/// page a sender mapped can be pulled away (a shrunk file would SIGBUS the sender's copies).
+inline constexpr int arena_seals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
+
+/// "F_SEAL_SHRINK|F_SEAL_GROW", "none": for messages.
+inline std::string seal_names(int seals) {
+  static constexpr std::pair<int, const char*> known[] = {{F_SEAL_SEAL, "F_SEAL_SEAL"},
+                                                          {F_SEAL_SHRINK, "F_SEAL_SHRINK"},
+                                                          {F_SEAL_GROW, "F_SEAL_GROW"},
+                                                          {F_SEAL_WRITE, "F_SEAL_WRITE"}};
+  std::string out;
+  for (const auto& [bit, name] : known)
+    if (seals & bit) out += (out.empty() ? "" : "|") + std::string(name);
+  return out.empty() ? "none" : out;
+}
+
+/// Faults in, for writing, the pages of [offset, offset + length) of `map` now rather than
+/// in the first copies. A page that cannot be provided fails here with EFAULT where a copy
+/// would have died of SIGBUS. Kernels before 5.14 lack MADV_POPULATE_WRITE: nothing is
+/// pre-faulted there, and that is no error.
+inline std::error_code prefault(const mapping& map, std::size_t offset, std::size_t length) noexcept {
+#ifdef MADV_POPULATE_WRITE
+  if (length == 0) return {};
+  const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  const std::size_t first = offset / page * page;
+  const std::size_t end = std::min(map.size(), (offset + length + page - 1) / page * page);
+  int rc;
+  do rc = ::madvise(map.data() + first, end - first, MADV_POPULATE_WRITE);
+  while (rc != 0 && errno == EINTR);
+  if (rc != 0 && errno != EINVAL) return last_system_error();
+#else
+  (void)map, (void)offset, (void)length;
+#endif
+  return {};
+}
+
+/// Who holds the socket file a receiver is about to listen at.
+enum class socket_owner {
+  none,   ///< no file there
+  stale,  ///< a socket file nobody listens on (its receiver is gone): it may be replaced
+  live,   ///< a process listens there: never delete it
+};
+
+/// Finds out by connecting, without blocking: a full backlog counts as live. `ec` is set
+/// when the answer is unknown (e.g. the file is not ours to connect to).
+inline socket_owner probe_socket_owner(const std::string& path, std::error_code& ec) noexcept {
+  ec.clear();
+  sockaddr_un addr{};
+  if (path.size() >= sizeof addr.sun_path) {
+    ec = std::make_error_code(std::errc::filename_too_long);
+    return socket_owner::none;
+  }
+  unique_fd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!probe.valid()) {
+    ec = last_system_error();
+    return socket_owner::none;
+  }
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  int rc;
+  do rc = ::connect(probe.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
+  while (rc != 0 && errno == EINTR);
+  if (rc == 0 || errno == EAGAIN || errno == EINPROGRESS) return socket_owner::live;
+  if (errno == ECONNREFUSED) return socket_owner::stale;
+  if (errno == ENOENT) return socket_owner::none;
+  ec = last_system_error();
+  return socket_owner::live;
 }
 
 }  // namespace shardline::detail
