@@ -1,5 +1,6 @@
-// cuda::async_wait: GPU work awaited on an executor without blocking it. The cases of test
-// suite "gpu" need a GPU; the others run everywhere (with no GPU, the error path).
+// cuda::async_wait: GPU work awaited on an executor without blocking it. Every case runs in
+// each wait_mode (callback, busy, adaptive) unless it is about one. The cases of test suite
+// "gpu" need a GPU; the others run everywhere (with no GPU, the error path).
 #include <shardline/cuda/async_wait.hpp>
 
 #include <shardline/cuda/device.hpp>
@@ -53,6 +54,29 @@ using clock_type = std::chrono::steady_clock;
 
 namespace {
 
+template <cuda::wait_mode Mode>
+struct in_mode {
+  static constexpr cuda::wait_mode value = Mode;
+};
+using callback_mode = in_mode<cuda::wait_mode::callback>;
+using busy_mode = in_mode<cuda::wait_mode::busy>;
+using adaptive_mode = in_mode<cuda::wait_mode::adaptive>;
+#define ALL_WAIT_MODES callback_mode, busy_mode, adaptive_mode
+#define POLLED_WAIT_MODES busy_mode, adaptive_mode
+
+std::string name_of(cuda::wait_mode m) {
+  switch (m) {
+    case cuda::wait_mode::callback: return "callback";
+    case cuda::wait_mode::busy: return "busy";
+    case cuda::wait_mode::adaptive: return "adaptive";
+  }
+  return "?";
+}
+
+cuda::detail::event_poller& poller_of(asio::io_context& io) {
+  return asio::use_service<cuda::detail::event_poller>(io);
+}
+
 void check(cudaError_t e, const char* what) { cuda::throw_if(e, what); }
 
 // An allocator that counts what it hands out, to see the op allocate with it and free
@@ -101,27 +125,27 @@ void fill_random(std::span<std::byte> bytes) {
 
 // Copies `src` to the device and back into `dst` on `s`, then awaits the stream.
 asio::awaitable<void> round_trip(cuda::stream& s, cuda::pinned_buffer& src, cuda::device_buffer& dev,
-                                 cuda::pinned_buffer& dst, bool& resumed) {
+                                 cuda::pinned_buffer& dst, cuda::wait_mode mode, bool& resumed) {
   check(cudaMemcpyAsync(dev.data(), src.data(), src.size(), cudaMemcpyHostToDevice, s.native_handle()),
         "cudaMemcpyAsync to the device");
   check(cudaMemcpyAsync(dst.data(), dev.data(), dst.size(), cudaMemcpyDeviceToHost, s.native_handle()),
         "cudaMemcpyAsync to the host");
-  co_await cuda::async_wait(s, asio::use_awaitable);
+  co_await cuda::async_wait(s, mode, asio::use_awaitable);
   resumed = true;
 }
 
-asio::awaitable<void> wait_or_time_out(cuda::stream& s, std::chrono::milliseconds timeout, int& winner,
-                                       clock_type::time_point& returned) {
+asio::awaitable<void> wait_or_time_out(cuda::stream& s, cuda::wait_mode mode, std::chrono::milliseconds timeout,
+                                       int& winner, clock_type::time_point& returned) {
   using namespace asio::experimental::awaitable_operators;
   asio::steady_timer timer(co_await asio::this_coro::executor, timeout);
-  auto r = co_await (cuda::async_wait(s, asio::use_awaitable) || timer.async_wait(asio::use_awaitable));
+  auto r = co_await (cuda::async_wait(s, mode, asio::use_awaitable) || timer.async_wait(asio::use_awaitable));
   winner = static_cast<int>(r.index());
   returned = clock_type::now();
 }
 
-asio::awaitable<void> await_or_catch(cudaStream_t s, std::error_code& caught) {
+asio::awaitable<void> await_or_catch(cudaStream_t s, cuda::wait_mode mode, std::error_code& caught) {
   try {
-    co_await cuda::async_wait(s, asio::use_awaitable);
+    co_await cuda::async_wait(s, mode, asio::use_awaitable);
   } catch (const std::system_error& e) {
     caught = e.code();
   }
@@ -131,7 +155,9 @@ asio::awaitable<void> await_or_catch(cudaStream_t s, std::error_code& caught) {
 
 // ---- everywhere ---------------------------------------------------------------------------
 
-TEST_CASE("cuda async_wait: the op is allocated with the handler's allocator and freed before the upcall") {
+TEST_CASE_TEMPLATE("cuda async_wait: the op is allocated with the handler's allocator and freed before the upcall", M, ALL_WAIT_MODES) {
+  constexpr cuda::wait_mode mode = M::value;
+  INFO("mode " << name_of(mode));
   asio::io_context io;
   cuda::stream s;
   const bool gpu = cuda::device_count() > 0;
@@ -143,7 +169,7 @@ TEST_CASE("cuda async_wait: the op is allocated with the handler's allocator and
   bool called = false;
   int live_at_upcall = -1;
   std::error_code got;
-  cuda::async_wait(io.get_executor(), s.native_handle(),
+  cuda::async_wait(io.get_executor(), s.native_handle(), mode,
                    asio::bind_allocator(counting_allocator<void>(&count), [&](std::error_code ec) {
                      called = true;
                      got = ec;
@@ -160,14 +186,16 @@ TEST_CASE("cuda async_wait: the op is allocated with the handler's allocator and
     CHECK(got.category() == cuda::error_category());
 }
 
-TEST_CASE("cuda async_wait: with no usable GPU every token gets the CUDA error, through the executor") {
+TEST_CASE_TEMPLATE("cuda async_wait: with no usable GPU every token gets the CUDA error, through the executor", M, ALL_WAIT_MODES) {
+  constexpr cuda::wait_mode mode = M::value;
+  INFO("mode " << name_of(mode));
   if (cuda::device_count() > 0) return;  // the successful side is in suite "gpu"
   asio::io_context io;
   const cudaStream_t legacy = nullptr;
 
   std::error_code by_callback;
   bool called = false;
-  cuda::async_wait(io.get_executor(), legacy, [&](std::error_code ec) {
+  cuda::async_wait(io.get_executor(), legacy, mode, [&](std::error_code ec) {
     called = true;
     by_callback = ec;
   });
@@ -179,28 +207,30 @@ TEST_CASE("cuda async_wait: with no usable GPU every token gets the CUDA error, 
   MESSAGE("async_wait without a GPU: " << by_callback.message());
 
   io.restart();
-  auto future = cuda::async_wait(io.get_executor(), legacy, asio::use_future);
+  auto future = cuda::async_wait(io.get_executor(), legacy, mode, asio::use_future);
   io.run();
   CHECK_THROWS_AS(future.get(), std::system_error);
 
   io.restart();
   std::error_code by_deferred;
-  auto deferred = cuda::async_wait(io.get_executor(), legacy, asio::experimental::deferred);
+  auto deferred = cuda::async_wait(io.get_executor(), legacy, mode, asio::experimental::deferred);
   std::move(deferred)([&](std::error_code ec) { by_deferred = ec; });
   io.run();
   CHECK(by_deferred == by_callback);
 
   io.restart();
   std::error_code by_coroutine;
-  asio::co_spawn(io, await_or_catch(legacy, by_coroutine), asio::detached);
+  asio::co_spawn(io, await_or_catch(legacy, mode, by_coroutine), asio::detached);
   io.run();
   CHECK(by_coroutine == by_callback);
 }
 
 // ---- on a GPU -----------------------------------------------------------------------------
 
-TEST_CASE("cuda async_wait: a coroutine resumes after a 512 MiB round trip, with every byte in place" *
-          doctest::test_suite("gpu")) {
+TEST_CASE_TEMPLATE("cuda async_wait: a coroutine resumes after a 512 MiB round trip, with every byte in place" *
+          doctest::test_suite("gpu"), M, ALL_WAIT_MODES) {
+  constexpr cuda::wait_mode mode = M::value;
+  INFO("mode " << name_of(mode));
   const std::size_t bytes = std::size_t(512) << 20;
   cuda::pinned_buffer src(bytes, 0), dst(bytes, 0);
   cuda::device_buffer dev(bytes, 0);
@@ -209,15 +239,17 @@ TEST_CASE("cuda async_wait: a coroutine resumes after a 512 MiB round trip, with
   cuda::stream s(0);
   asio::io_context io;
   bool resumed = false;
-  auto done = asio::co_spawn(io, round_trip(s, src, dev, dst, resumed), asio::use_future);
+  auto done = asio::co_spawn(io, round_trip(s, src, dev, dst, mode, resumed), asio::use_future);
   gpu_test::run_until(io, [&] { return done.wait_for(0s) == std::future_status::ready; });
   done.get();
   CHECK(resumed);
   CHECK(std::memcmp(src.data(), dst.data(), bytes) == 0);
 }
 
-TEST_CASE("cuda async_wait: a callback runs on the io_context after a kernel and its copy are done" *
-          doctest::test_suite("gpu")) {
+TEST_CASE_TEMPLATE("cuda async_wait: a callback runs on the io_context after a kernel and its copy are done" *
+          doctest::test_suite("gpu"), M, ALL_WAIT_MODES) {
+  constexpr cuda::wait_mode mode = M::value;
+  INFO("mode " << name_of(mode));
   const std::size_t words = std::size_t(64) << 20;  // 256 MiB
   const std::uint32_t seed = std::random_device{}();
   cuda::device_buffer dev(words * 4, 0);
@@ -231,7 +263,7 @@ TEST_CASE("cuda async_wait: a callback runs on the io_context after a kernel and
   asio::io_context io;
   bool called = false, on_io_thread = false;
   std::error_code got;
-  cuda::async_wait(io.get_executor(), s, [&](std::error_code ec) {
+  cuda::async_wait(io.get_executor(), s, mode, [&](std::error_code ec) {
     called = true;
     got = ec;
     on_io_thread = io.get_executor().running_in_this_thread();
@@ -245,7 +277,9 @@ TEST_CASE("cuda async_wait: a callback runs on the io_context after a kernel and
   CHECK(wrong == 0);
 }
 
-TEST_CASE("cuda async_wait: the io_context keeps running while the GPU works" * doctest::test_suite("gpu")) {
+TEST_CASE_TEMPLATE("cuda async_wait: the io_context keeps running while the GPU works" * doctest::test_suite("gpu"), M, ALL_WAIT_MODES) {
+  constexpr cuda::wait_mode mode = M::value;
+  INFO("mode " << name_of(mode));
   // The kernel spins until a timer on the same io_context sets the flag: a wait that blocked
   // the io_context's thread would never see it.
   gpu_test::host_flag flag(0);
@@ -253,7 +287,7 @@ TEST_CASE("cuda async_wait: the io_context keeps running while the GPU works" * 
   check(gpu_test::spin_until(flag.flag(), flag.timed_out(), 10'000'000'000ull, s.native_handle()), "spin_until");
   asio::io_context io;
   bool waited = false;
-  cuda::async_wait(io.get_executor(), s, [&](std::error_code ec) {
+  cuda::async_wait(io.get_executor(), s, mode, [&](std::error_code ec) {
     CHECK_FALSE(ec);
     CHECK(flag.is_set());
     waited = true;
@@ -267,8 +301,10 @@ TEST_CASE("cuda async_wait: the io_context keeps running while the GPU works" * 
   CHECK(*flag.timed_out() == 0);
 }
 
-TEST_CASE("cuda async_wait: callback, use_future, deferred and use_awaitable complete after the work" *
-          doctest::test_suite("gpu")) {
+TEST_CASE_TEMPLATE("cuda async_wait: callback, use_future, deferred and use_awaitable complete after the work" *
+          doctest::test_suite("gpu"), M, ALL_WAIT_MODES) {
+  constexpr cuda::wait_mode mode = M::value;
+  INFO("mode " << name_of(mode));
   cuda::stream s(0);
   asio::io_context io;
   const auto sleep = [&] {
@@ -278,7 +314,7 @@ TEST_CASE("cuda async_wait: callback, use_future, deferred and use_awaitable com
 
   auto start = sleep();
   clock_type::time_point end;
-  cuda::async_wait(io.get_executor(), s, [&](std::error_code ec) {
+  cuda::async_wait(io.get_executor(), s, mode, [&](std::error_code ec) {
     CHECK_FALSE(ec);
     end = clock_type::now();
   });
@@ -286,14 +322,14 @@ TEST_CASE("cuda async_wait: callback, use_future, deferred and use_awaitable com
   CHECK(end - start >= 4ms);
 
   start = sleep();
-  auto future = cuda::async_wait(io.get_executor(), s, asio::use_future);
+  auto future = cuda::async_wait(io.get_executor(), s, mode, asio::use_future);
   gpu_test::run_until(io, [&] { return future.wait_for(0s) == std::future_status::ready; });
   CHECK_NOTHROW(future.get());
   CHECK(clock_type::now() - start >= 4ms);
 
   start = sleep();
   end = {};
-  auto deferred = cuda::async_wait(io.get_executor(), s, asio::experimental::deferred);
+  auto deferred = cuda::async_wait(io.get_executor(), s, mode, asio::experimental::deferred);
   std::move(deferred)([&](std::error_code ec) {
     CHECK_FALSE(ec);
     end = clock_type::now();
@@ -304,14 +340,16 @@ TEST_CASE("cuda async_wait: callback, use_future, deferred and use_awaitable com
   start = sleep();
   std::error_code caught = cuda::make_error_code(cudaErrorUnknown);
   bool finished = false;
-  asio::co_spawn(io, await_or_catch(s.native_handle(), caught), [&](std::exception_ptr) { finished = true; });
+  asio::co_spawn(io, await_or_catch(s.native_handle(), mode, caught), [&](std::exception_ptr) { finished = true; });
   gpu_test::run_until(io, [&] { return finished; });
   CHECK(caught == cuda::make_error_code(cudaErrorUnknown));  // not thrown: no error
   CHECK(clock_type::now() - start >= 4ms);
 }
 
-TEST_CASE("cuda async_wait: 512 waits on 8 streams complete each after its own work, in stream order" *
-          doctest::test_suite("gpu")) {
+TEST_CASE_TEMPLATE("cuda async_wait: 512 waits on 8 streams complete each after its own work, in stream order" *
+          doctest::test_suite("gpu"), M, ALL_WAIT_MODES) {
+  constexpr cuda::wait_mode mode = M::value;
+  INFO("mode " << name_of(mode));
   constexpr int streams = 8, waits = 64;
   cuda::pinned_buffer markers(streams * sizeof(std::uint32_t), 0, cudaHostAllocMapped | cudaHostAllocPortable);
   auto* marker = reinterpret_cast<std::uint32_t*>(markers.data());
@@ -327,7 +365,7 @@ TEST_CASE("cuda async_wait: 512 waits on 8 streams complete each after its own w
     for (int i = 0; i < streams; ++i) {
       check(gpu_test::sleep_for(random() % 200'000, s[i].native_handle()), "sleep_for");
       check(gpu_test::write_value(marker + i, k, s[i].native_handle()), "write_value");
-      cuda::async_wait(io.get_executor(), s[i], [&, i, k](std::error_code ec) {
+      cuda::async_wait(io.get_executor(), s[i], mode, [&, i, k](std::error_code ec) {
         failed += ec ? 1 : 0;
         late += std::atomic_ref<std::uint32_t>(marker[i]).load() < std::uint32_t(k) ? 1 : 0;
         order[i].push_back(k);
@@ -351,7 +389,7 @@ TEST_CASE("cuda async_wait: 512 waits on 8 streams complete each after its own w
     for (int i = 0; i < streams; ++i) {
       check(gpu_test::sleep_for(random() % 200'000, s[i].native_handle()), "sleep_for");
       check(gpu_test::write_value(marker + i, k, s[i].native_handle()), "write_value");
-      cuda::async_wait(pool.get_executor(), s[i], [&, i, k](std::error_code ec) {
+      cuda::async_wait(pool.get_executor(), s[i], mode, [&, i, k](std::error_code ec) {
         pool_failed += ec ? 1 : 0;
         pool_late += std::atomic_ref<std::uint32_t>(marker[i]).load() < std::uint32_t(k) ? 1 : 0;
         ++pool_done;
@@ -363,8 +401,10 @@ TEST_CASE("cuda async_wait: 512 waits on 8 streams complete each after its own w
   CHECK(pool_late == 0);
 }
 
-TEST_CASE("cuda async_wait: an event's wait ends at its record, not at later work on the stream" *
-          doctest::test_suite("gpu")) {
+TEST_CASE_TEMPLATE("cuda async_wait: an event's wait ends at its record, not at later work on the stream" *
+          doctest::test_suite("gpu"), M, ALL_WAIT_MODES) {
+  constexpr cuda::wait_mode mode = M::value;
+  INFO("mode " << name_of(mode));
   gpu_test::host_flag flag(0);
   cuda::stream s(0);
   cuda::event e(0);
@@ -373,13 +413,13 @@ TEST_CASE("cuda async_wait: an event's wait ends at its record, not at later wor
   check(gpu_test::spin_until(flag.flag(), flag.timed_out(), 10'000'000'000ull, s.native_handle()), "spin_until");
   asio::io_context io;
   bool event_done = false, stream_done = false;
-  cuda::async_wait(io.get_executor(), e, [&](std::error_code ec) {
+  cuda::async_wait(io.get_executor(), e, mode, [&](std::error_code ec) {
     CHECK_FALSE(ec);
     CHECK_FALSE(flag.is_set());  // the stream still spins behind the record
     event_done = true;
     flag.set();
   });
-  cuda::async_wait(io.get_executor(), s, [&](std::error_code ec) {
+  cuda::async_wait(io.get_executor(), s, mode, [&](std::error_code ec) {
     CHECK_FALSE(ec);
     CHECK(event_done);
     stream_done = true;
@@ -389,15 +429,17 @@ TEST_CASE("cuda async_wait: an event's wait ends at its record, not at later wor
 
   cuda::event never(0);
   bool at_once = false;
-  cuda::async_wait(io.get_executor(), never, [&](std::error_code ec) {
+  cuda::async_wait(io.get_executor(), never, mode, [&](std::error_code ec) {
     CHECK_FALSE(ec);
     at_once = true;
   });
   gpu_test::run_until(io, [&] { return at_once; });
 }
 
-TEST_CASE("cuda async_wait: terminal cancellation reports operation_aborted, and only once the GPU is done" *
-          doctest::test_suite("gpu")) {
+TEST_CASE_TEMPLATE("cuda async_wait: terminal cancellation reports operation_aborted, and only once the GPU is done" *
+          doctest::test_suite("gpu"), M, ALL_WAIT_MODES) {
+  constexpr cuda::wait_mode mode = M::value;
+  INFO("mode " << name_of(mode));
   gpu_test::host_flag flag(0);
   cuda::stream s(0);
   asio::io_context io;
@@ -408,7 +450,7 @@ TEST_CASE("cuda async_wait: terminal cancellation reports operation_aborted, and
     asio::cancellation_signal signal;
     bool done = false, released_before = false;
     std::error_code got;
-    cuda::async_wait(io.get_executor(), s, asio::bind_cancellation_slot(signal.slot(), [&](std::error_code ec) {
+    cuda::async_wait(io.get_executor(), s, mode, asio::bind_cancellation_slot(signal.slot(), [&](std::error_code ec) {
                        done = true;
                        got = ec;
                        released_before = flag.is_set();
@@ -430,15 +472,17 @@ TEST_CASE("cuda async_wait: terminal cancellation reports operation_aborted, and
   }
 }
 
-TEST_CASE("cuda async_wait: a timeout around GPU work returns only after the GPU work" *
-          doctest::test_suite("gpu")) {
+TEST_CASE_TEMPLATE("cuda async_wait: a timeout around GPU work returns only after the GPU work" *
+          doctest::test_suite("gpu"), M, ALL_WAIT_MODES) {
+  constexpr cuda::wait_mode mode = M::value;
+  INFO("mode " << name_of(mode));
   gpu_test::host_flag flag(0);
   cuda::stream s(0);
   check(gpu_test::spin_until(flag.flag(), flag.timed_out(), 10'000'000'000ull, s.native_handle()), "spin_until");
   asio::io_context io;
   int winner = -1;
   clock_type::time_point returned{}, released{};
-  asio::co_spawn(io, wait_or_time_out(s, 20ms, winner, returned), asio::detached);
+  asio::co_spawn(io, wait_or_time_out(s, mode, 20ms, winner, returned), asio::detached);
   asio::steady_timer release(io, 80ms);
   release.async_wait([&](std::error_code) {
     released = clock_type::now();
@@ -450,14 +494,16 @@ TEST_CASE("cuda async_wait: a timeout around GPU work returns only after the GPU
   CHECK(returned >= released);
 }
 
-TEST_CASE("cuda async_wait: a stream being captured into a graph is refused with the CUDA text" *
-          doctest::test_suite("gpu")) {
+TEST_CASE_TEMPLATE("cuda async_wait: a stream being captured into a graph is refused with the CUDA text" *
+          doctest::test_suite("gpu"), M, ALL_WAIT_MODES) {
+  constexpr cuda::wait_mode mode = M::value;
+  INFO("mode " << name_of(mode));
   cuda::stream s(0);
   check(cudaStreamBeginCapture(s.native_handle(), cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
   asio::io_context io;
   std::error_code got;
   bool done = false;
-  cuda::async_wait(io.get_executor(), s, [&](std::error_code ec) {
+  cuda::async_wait(io.get_executor(), s, mode, [&](std::error_code ec) {
     got = ec;
     done = true;
   });
@@ -471,21 +517,202 @@ TEST_CASE("cuda async_wait: a stream being captured into a graph is refused with
   MESSAGE("capturing stream: " << got.message());
   // The stream works again after the capture.
   bool again = false;
-  cuda::async_wait(io.get_executor(), s, [&](std::error_code ec) {
+  cuda::async_wait(io.get_executor(), s, mode, [&](std::error_code ec) {
     CHECK_FALSE(ec);
     again = true;
   });
   gpu_test::run_until(io, [&] { return again; });
 }
 
-TEST_CASE("cuda async_wait: a device fault completes the wait with the CUDA error instead of hanging" *
-          doctest::test_suite("gpu")) {
+TEST_CASE_TEMPLATE("cuda async_wait: a device fault completes the wait with the CUDA error instead of hanging" *
+          doctest::test_suite("gpu"), M, ALL_WAIT_MODES) {
+  constexpr cuda::wait_mode mode = M::value;
+  INFO("mode " << name_of(mode));
   std::string output;
-  const int status = gpu_test::spawn_child("fault", output);
+  const int status = gpu_test::spawn_child(std::string("fault-") + name_of(mode), output);
   INFO("child output:\n" << output);
   MESSAGE(output);
   CHECK(status == 0);
   CHECK(output.find(cudaGetErrorString(cudaErrorIllegalAddress)) != std::string::npos);
+}
+
+
+// ---- the polled modes ---------------------------------------------------------------------
+
+TEST_CASE_TEMPLATE("cuda async_wait: a wait refused at once leaves no poll behind", M, POLLED_WAIT_MODES) {
+  constexpr cuda::wait_mode mode = M::value;
+  INFO("mode " << name_of(mode));
+  if (cuda::device_count() > 0) return;  // with a GPU the wait is accepted: suite "gpu" polls
+  asio::io_context io;
+  std::error_code got;
+  cuda::async_wait(io.get_executor(), cudaStream_t{}, mode, [&](std::error_code ec) { got = ec; });
+  io.run();  // returns: nothing keeps polling
+  CHECK(got.category() == cuda::error_category());
+  CHECK(poller_of(io).polls() == 0);
+  CHECK(poller_of(io).backoff() == 0us);
+}
+
+TEST_CASE("cuda async_wait: the default mode is one the header documents as the default") {
+  // A change of default must be a decision (the header explains this one), not an accident.
+  CHECK(cuda::default_wait_mode == cuda::wait_mode::adaptive);
+  const cuda::detail::poll_policy policy;
+  CHECK(policy.first_backoff > 0us);
+  CHECK(policy.first_backoff <= policy.max_backoff);
+}
+
+TEST_CASE_TEMPLATE("cuda async_wait: 8 waits on 8 streams complete in the order their work ends, not the order "
+                   "they started" * doctest::test_suite("gpu"),
+                   M, ALL_WAIT_MODES) {
+  constexpr cuda::wait_mode mode = M::value;
+  INFO("mode " << name_of(mode));
+  // 8: CUDA maps streams onto 8 hardware queues by default (CUDA_DEVICE_MAX_CONNECTIONS); with
+  // more, two streams can share one and the later one's work waits behind the earlier one's.
+  constexpr int streams = 8;
+  cuda::pinned_buffer markers(streams * sizeof(std::uint32_t), 0, cudaHostAllocMapped | cudaHostAllocPortable);
+  auto* marker = reinterpret_cast<std::uint32_t*>(markers.data());
+  std::fill(marker, marker + streams, 0u);
+  std::vector<cuda::stream> s;
+  for (int i = 0; i < streams; ++i) s.emplace_back(0);
+  asio::io_context io;
+  std::vector<int> order;
+  int late = 0, failed = 0;
+  // The first started ends last: 3 ms apart, far more than any wake-up path takes.
+  for (int i = 0; i < streams; ++i) {
+    check(gpu_test::sleep_for(std::uint64_t(streams - i) * 3'000'000, s[i].native_handle()), "sleep_for");
+    check(gpu_test::write_value(marker + i, 1, s[i].native_handle()), "write_value");
+    cuda::async_wait(io.get_executor(), s[i], mode, [&, i](std::error_code ec) {
+      failed += ec ? 1 : 0;
+      late += std::atomic_ref<std::uint32_t>(marker[i]).load() == 0 ? 1 : 0;
+      order.push_back(i);
+    });
+  }
+  gpu_test::run_until(io, [&] { return order.size() == std::size_t(streams); });
+  CHECK(failed == 0);
+  CHECK(late == 0);
+  std::vector<int> expected(streams);
+  for (int i = 0; i < streams; ++i) expected[i] = streams - 1 - i;
+  CHECK(order == expected);
+}
+
+TEST_CASE_TEMPLATE("cuda async_wait: recording the event again after the wait started does not move the wait" *
+                       doctest::test_suite("gpu"),
+                   M, ALL_WAIT_MODES) {
+  constexpr cuda::wait_mode mode = M::value;
+  INFO("mode " << name_of(mode));
+  gpu_test::host_flag flag(0);
+  cuda::stream s(0);
+  cuda::event e(0);
+  check(gpu_test::sleep_for(2'000'000, s.native_handle()), "sleep_for");
+  e.record(s);
+  asio::io_context io;
+  bool done = false;
+  cuda::async_wait(io.get_executor(), e, mode, [&](std::error_code ec) {
+    CHECK_FALSE(ec);
+    CHECK_FALSE(flag.is_set());  // the second record still waits for the spinning kernel
+    done = true;
+  });
+  check(gpu_test::spin_until(flag.flag(), flag.timed_out(), 10'000'000'000ull, s.native_handle()), "spin_until");
+  e.record(s);
+  gpu_test::run_until(io, [&] { return done; });
+  CHECK_FALSE(e.ready());
+  flag.set();
+  s.synchronize();
+  CHECK(*flag.timed_out() == 0);
+}
+
+TEST_CASE("cuda async_wait: the adaptive poller backs off while the GPU works, and spins again for a new wait" *
+          doctest::test_suite("gpu")) {
+  gpu_test::host_flag flag(0);
+  cuda::stream long_work(0), short_work(0);
+  asio::io_context io;
+  auto& poller = poller_of(io);
+  const auto policy = poller.policy();
+  check(gpu_test::spin_until(flag.flag(), flag.timed_out(), 10'000'000'000ull, long_work.native_handle()),
+        "spin_until");
+  bool long_done = false;
+  cuda::async_wait(io.get_executor(), long_work, cuda::wait_mode::adaptive, [&](std::error_code ec) {
+    CHECK_FALSE(ec);
+    long_done = true;
+  });
+  CHECK(poller.backoff() == 0us);  // spinning first
+  // The period doubles up to its cap once the spin is spent.
+  gpu_test::run_until(io, [&] { return poller.backoff() == policy.max_backoff; });
+  CHECK_FALSE(long_done);
+
+  // Backed off: a timer never fires early, so an interval of T holds at most T / max_backoff
+  // polls (+1 for the one in flight at its start). A busy loop makes hundreds of times more.
+  const std::uint64_t polls_before = poller.polls();
+  const auto start = clock_type::now();
+  io.run_for(100ms);
+  const auto elapsed = clock_type::now() - start;
+  const std::uint64_t idle_polls = poller.polls() - polls_before;
+  const auto bound = static_cast<std::uint64_t>(elapsed / policy.max_backoff) + 1;
+  MESSAGE("adaptive poller, backed off: " << idle_polls << " polls in "
+                                          << std::chrono::duration_cast<std::chrono::milliseconds>(elapsed).count()
+                                          << " ms (bound " << bound << ")");
+  CHECK(idle_polls >= 1);
+  CHECK(idle_polls <= bound);
+  CHECK(poller.backoff() == policy.max_backoff);
+
+  // A new wait resets the backoff at once and completes while the long work still runs.
+  bool short_done = false;
+  check(gpu_test::sleep_for(1'000'000, short_work.native_handle()), "sleep_for");
+  io.restart();
+  cuda::async_wait(io.get_executor(), short_work, cuda::wait_mode::adaptive, [&](std::error_code ec) {
+    CHECK_FALSE(ec);
+    short_done = true;
+  });
+  CHECK(poller.backoff() == 0us);
+  gpu_test::run_until(io, [&] { return short_done; });
+  CHECK_FALSE(long_done);
+
+  // The busy mode, on the same poller, never backs off while its wait is pending.
+  bool busy_done = false;
+  check(gpu_test::sleep_for(20'000'000, short_work.native_handle()), "sleep_for");
+  cuda::async_wait(io.get_executor(), short_work, cuda::wait_mode::busy, [&](std::error_code ec) {
+    CHECK_FALSE(ec);
+    busy_done = true;
+  });
+  bool backed_off = false;
+  gpu_test::run_until(io, [&] {
+    backed_off = backed_off || poller.backoff() != 0us;
+    return busy_done;
+  });
+  CHECK_FALSE(backed_off);
+
+  flag.set();
+  gpu_test::run_until(io, [&] { return long_done; });
+  CHECK(*flag.timed_out() == 0);
+  io.restart();
+  CHECK(io.run_for(10ms) == 0);  // nothing pending: the poller stopped
+}
+
+TEST_CASE_TEMPLATE("cuda async_wait: destroying the io_context with polled waits pending destroys their handlers "
+                   "unrun" * doctest::test_suite("gpu"),
+                   M, POLLED_WAIT_MODES) {
+  constexpr cuda::wait_mode mode = M::value;
+  INFO("mode " << name_of(mode));
+  gpu_test::host_flag flag(0);
+  cuda::stream s(0);
+  cuda::event e(0);
+  check(gpu_test::spin_until(flag.flag(), flag.timed_out(), 10'000'000'000ull, s.native_handle()), "spin_until");
+  e.record(s);
+  auto alive = std::make_shared<int>(0);
+  std::weak_ptr<int> watch = alive;
+  bool called = false;
+  {
+    asio::io_context io;
+    cuda::async_wait(io.get_executor(), s, mode, [&, alive](std::error_code) { called = true; });
+    cuda::async_wait(io.get_executor(), e, mode, [&, alive](std::error_code) { called = true; });
+    alive.reset();
+    io.run_for(20ms);
+    CHECK_FALSE(called);
+  }
+  CHECK_FALSE(called);
+  CHECK(watch.expired());  // both handlers destroyed with the context
+  flag.set();
+  s.synchronize();
+  CHECK(*flag.timed_out() == 0);
 }
 
 // ---- child scenarios ----------------------------------------------------------------------
@@ -496,11 +723,11 @@ namespace {
 
 // Waits on `s` for at most 20 s; prints and returns 0 when the wait completed with an error,
 // 2 when it succeeded, 3 when it never completed.
-int wait_and_report(cuda::stream& s, const std::string& what) {
+int wait_and_report(cuda::stream& s, const std::string& what, cuda::wait_mode mode = cuda::default_wait_mode) {
   asio::io_context io;
   bool done = false;
   std::error_code got;
-  cuda::async_wait(io.get_executor(), s, [&](std::error_code ec) {
+  cuda::async_wait(io.get_executor(), s, mode, [&](std::error_code ec) {
     got = ec;
     done = true;
   });
@@ -526,10 +753,15 @@ int run_child(const std::string& name) {
   try {
     cuda::stream s(0);
     // The sleep first: the wait is enqueued before the device faults, not refused after.
-    if (name == "fault") {
+    if (name.starts_with("fault-") && name != "fault-host-func") {
+      // fault-<mode>: the wait in that mode; polled, the device faults while the poller polls.
+      cuda::wait_mode mode = cuda::default_wait_mode;
+      for (auto m : {cuda::wait_mode::callback, cuda::wait_mode::busy, cuda::wait_mode::adaptive})
+        if (name == std::string("fault-") + name_of(m)) mode = m;
       check(gpu_test::sleep_for(50'000'000, s.native_handle()), "sleep_for");
       check(gpu_test::fault(s.native_handle()), "fault");
-      status = wait_and_report(s, "a kernel writing through a null pointer");
+      status = wait_and_report(s, std::string("a kernel writing through a null pointer, ") + name_of(mode) + " wait",
+                               mode);
     } else if (name == "fault-host-func") {
       // Not a test: what the alternative to async_wait's stream callback, cudaLaunchHostFunc,
       // does after a device fault (its documentation says it is not called).

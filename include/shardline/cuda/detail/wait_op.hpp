@@ -1,22 +1,27 @@
-// The operation behind cuda::async_wait: a stream callback that posts the completion to the
-// handler's executor.
+// The operation behind cuda::async_wait: a stream callback, or the context's event_poller,
+// posts the completion to the handler's executor.
 #pragma once
 
+#include <shardline/cuda/detail/event_poller.hpp>
 #include <shardline/cuda/detail/handles.hpp>
 #include <shardline/cuda/error.hpp>
 
+#include <asio/any_io_executor.hpp>
 #include <asio/associated_allocator.hpp>
 #include <asio/associated_cancellation_slot.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/cancellation_type.hpp>
 #include <asio/error.hpp>
+#include <asio/execution/context.hpp>
 #include <asio/executor_work_guard.hpp>
+#include <asio/query.hpp>
 #include <asio/post.hpp>
 #include <asio/recycling_allocator.hpp>
 
 #include <cuda_runtime_api.h>
 
 #include <exception>
+#include <type_traits>
 #include <memory>
 #include <new>
 #include <system_error>
@@ -32,8 +37,12 @@ namespace shardline::cuda::detail {
 // runtime's callback thread once the stream's earlier work is done, but after a device fault
 // (a sticky error) a host function is never called, so the wait would hang, while a stream
 // callback is called with the error. The callback calls no CUDA function: it posts.
+//
+// Polled, the op is watched by the event_poller of its handler's execution context, which
+// completes it (complete()) from a poll once its marker event is done, or destroys it unrun
+// (abandon()) when the context shuts down first.
 template <class Handler, class IoExecutor>
-class wait_op {
+class wait_op final : public polled_wait {
 public:
   using executor_type = asio::associated_executor_t<Handler, IoExecutor>;
   using allocator_type = asio::associated_allocator_t<Handler, asio::recycling_allocator<void>>;
@@ -47,6 +56,29 @@ public:
     // In a graph the callback would run once per replay, long after the op is gone.
     if (e == cudaSuccess && capture != cudaStreamCaptureStatusNone) e = cudaErrorStreamCaptureUnsupported;
     if (e == cudaSuccess) e = cudaStreamAddCallback(s, &on_stream_done, op, 0);
+    if (e != cudaSuccess) op->fail(e);
+  }
+
+  // Waits for the work enqueued on `s` so far through the poller of the handler's execution
+  // context (the handler's executor must be of the standard model), busy or adaptive.
+  static void start_polled(Handler handler, const IoExecutor& io, cudaStream_t s, bool busy) {
+    wait_op* op = create(std::move(handler), io);
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    cudaError_t e = cudaStreamIsCapturing(s, &capture);
+    // Recorded into a graph, the marker would complete at each replay, not now.
+    if (e == cudaSuccess && capture != cudaStreamCaptureStatusNone) e = cudaErrorStreamCaptureUnsupported;
+    if (e == cudaSuccess) {
+      const asio::any_io_executor ex = op->poll_executor(io);
+      e = poller_of(ex).watch_stream(*op, s, busy, ex);
+    }
+    if (e != cudaSuccess) op->fail(e);
+  }
+
+  // Waits for the work `ev`'s latest record captured through the poller, as start_polled.
+  static void start_polled(Handler handler, const IoExecutor& io, cudaEvent_t ev, int device, bool busy) {
+    wait_op* op = create(std::move(handler), io);
+    const asio::any_io_executor ex = op->poll_executor(io);
+    const cudaError_t e = poller_of(ex).watch_event(*op, ev, device, busy, ex);
     if (e != cudaSuccess) op->fail(e);
   }
 
@@ -115,6 +147,26 @@ private:
     p->~wait_op();
     op_traits::deallocate(alloc, p, 1);
   }
+
+  // Polls run on the handler's executor where it can take them (an io_context's, a strand, a
+  // coroutine's), else on `io` (use_future's runs everything inline, on no context).
+  asio::any_io_executor poll_executor(const IoExecutor& io) const {
+    if constexpr (std::is_convertible_v<executor_type, asio::any_io_executor>)
+      return work_.get_executor();
+    else
+      return io;
+  }
+
+  static event_poller& poller_of(const asio::any_io_executor& ex) {
+    return asio::use_service<event_poller>(asio::query(ex, asio::execution::context));
+  }
+
+  void complete(cudaError_t status) override {
+    result_ = status;
+    post_finish();
+  }
+
+  void abandon() noexcept override { destroy(this); }
 
   static void CUDART_CB on_stream_done(cudaStream_t, cudaError_t status, void* self) noexcept {
     auto* op = static_cast<wait_op*>(self);
