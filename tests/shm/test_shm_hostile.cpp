@@ -8,6 +8,8 @@
 
 #include <doctest/doctest.h>
 
+#include "shm_support.hpp"
+
 #include "../support/checks.hpp"
 
 #include <atomic>
@@ -42,6 +44,8 @@ using namespace std::chrono_literals;
 
 namespace {
 
+using namespace shm_test;
+using shm_test::raw_send;  // overloaded below for text
 using clock_type = std::chrono::steady_clock;
 using connection = sl::shm_transport::connection;
 
@@ -51,46 +55,6 @@ constexpr gid_t nogroup = 65534;
 std::string socket_path(const char* tag) {
   return "/tmp/shardline-hostile-" + std::to_string(getpid()) + "-" + tag + ".sock";
 }
-
-std::byte pattern(std::size_t i, unsigned seed) {
-  return static_cast<std::byte>((i * 131 + seed * 7 + (i >> 12)) & 0xff);
-}
-
-std::vector<std::byte> patterned(std::size_t n, unsigned seed) {
-  std::vector<std::byte> v(n);
-  for (std::size_t i = 0; i < n; ++i) v[i] = pattern(i, seed);
-  return v;
-}
-
-bool holds_pattern(std::span<const std::byte> s, unsigned seed) {
-  for (std::size_t i = 0; i < s.size(); ++i)
-    if (s[i] != pattern(i, seed)) return false;
-  return true;
-}
-
-/// Runs handlers until `done()` or the timeout: no test can hang on a lost completion.
-template <class Pred>
-bool run_until(asio::io_context& io, Pred done, std::chrono::milliseconds timeout = 20s) {
-  const auto deadline = clock_type::now() + timeout;
-  while (!done() && clock_type::now() < deadline) {
-    if (io.stopped()) io.restart();
-    io.run_one_for(10ms);
-  }
-  return done();
-}
-
-/// The arguments of one completion, in shared storage (a handler still pending when a hang
-/// guard gives up never writes into a dead stack frame).
-template <class... T>
-struct outcome {
-  std::shared_ptr<std::optional<std::tuple<T...>>> value = std::make_shared<std::optional<std::tuple<T...>>>();
-  auto handler() {
-    return [v = value](T... args) { v->emplace(std::move(args)...); };
-  }
-  bool ready() const { return value->has_value(); }
-  std::tuple<T...>& get() { return **value; }
-  std::error_code code() const { return std::get<0>(**value); }
-};
 
 /// Every async_accept's result, accepting again after each until the receiver closes.
 struct accept_loop {
@@ -172,9 +136,6 @@ int raw_client(const std::string& path) {
   return fd;
 }
 
-bool raw_send(int fd, std::span<const std::byte> bytes) {
-  return ::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(bytes.size());
-}
 bool raw_send(int fd, std::string_view bytes) { return raw_send(fd, std::as_bytes(std::span(bytes))); }
 
 /// Everything the peer sends until it hangs up, and how many descriptors came with it

@@ -14,6 +14,8 @@
 
 #include <doctest/doctest.h>
 
+#include "shm_support.hpp"
+
 #include <chrono>
 #include <csignal>
 #include <cstring>
@@ -41,27 +43,12 @@ using namespace std::chrono_literals;
 
 namespace {
 
+using namespace shm_test;
 using clock_type = std::chrono::steady_clock;
 using connection = sl::shm_transport::connection;
 
 std::string socket_path(const char* tag) {
   return "/tmp/shardline-test-" + std::to_string(getpid()) + "-" + tag + ".sock";
-}
-
-std::byte pattern(std::size_t i, unsigned seed) {
-  return static_cast<std::byte>((i * 131 + seed * 7 + (i >> 12)) & 0xff);
-}
-
-std::vector<std::byte> patterned(std::size_t n, unsigned seed) {
-  std::vector<std::byte> v(n);
-  for (std::size_t i = 0; i < n; ++i) v[i] = pattern(i, seed);
-  return v;
-}
-
-bool holds_pattern(std::span<const std::byte> s, unsigned seed) {
-  for (std::size_t i = 0; i < s.size(); ++i)
-    if (s[i] != pattern(i, seed)) return false;
-  return true;
 }
 
 bool all_zero(std::span<const std::byte> s) {
@@ -70,34 +57,10 @@ bool all_zero(std::span<const std::byte> s) {
   return true;
 }
 
-/// Runs handlers until `done()` or the timeout: no test can hang on a lost completion.
-template <class Pred>
-bool run_until(asio::io_context& io, Pred done, std::chrono::milliseconds timeout = 20s) {
-  const auto deadline = clock_type::now() + timeout;
-  while (!done() && clock_type::now() < deadline) {
-    if (io.stopped()) io.restart();
-    io.run_one_for(10ms);
-  }
-  return done();
-}
-
 /// Runs handlers for `d`: only to give something that must NOT happen the chance to.
 void run_for(asio::io_context& io, std::chrono::milliseconds d) {
   run_until(io, [] { return false; }, d);
 }
-
-/// The arguments of one completion, kept in shared storage so that a handler still pending
-/// when a hang guard gives up never writes into a dead stack frame.
-template <class... T>
-struct outcome {
-  std::shared_ptr<std::optional<std::tuple<T...>>> value = std::make_shared<std::optional<std::tuple<T...>>>();
-  auto handler() {
-    return [v = value](T... args) { v->emplace(std::move(args)...); };
-  }
-  bool ready() const { return value->has_value(); }
-  std::tuple<T...>& get() { return **value; }
-  std::error_code code() const { return std::get<0>(**value); }
-};
 
 /// Forks; the child runs `body` (which creates its own io_context) and _exits with its result.
 pid_t spawn(const std::function<int()>& body) {
@@ -225,10 +188,6 @@ int raw_client(const std::string& path) {
   timeval guard{20, 0};  // a read that never gets its bytes fails instead of hanging
   ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &guard, sizeof guard);
   return fd;
-}
-
-bool raw_send(int fd, std::span<const std::byte> bytes) {
-  return ::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(bytes.size());
 }
 
 /// Reads until end of file: what the peer sent (drops any descriptors). nullopt on error.
