@@ -2,20 +2,28 @@
 //
 //   bench_verbs [--device rxe0] [--address 127.0.0.2] [--port 18600]
 //               [--bw-writes 300] [--bw-depth 64] [--rate-writes 20000] [--rate-batch 16]
-//               [--rate-depth 8] [--lat-writes 2000] [--qps N]
-//               [--poll adaptive|busy|event] [--only bw|rate|lat]
+//               [--rate-depth 8] [--lat-writes 2000] [--connects 20] [--qps N]
+//               [--poll adaptive|busy|event] [--only bw|rate|lat|connect]
+//               [--memory-windows auto|off]
 //
 // --poll picks the transport's compile-time CQ polling mode (adaptive is the default);
-// --qps its queue pairs per peer. A receiver and a sender in this one process, one
-// io_context, connected through the
-// device's RoCE GID of --address (tests/rxe/run runs it inside the Soft-RoCE VM next to
-// ib_write_bw / ib_write_lat on the same rxe0):
+// --qps its queue pairs per peer; --memory-windows the transports' options::memory_windows
+// (auto: windows where the device has them). A receiver and a sender in this one process,
+// one io_context, connected through the device's RoCE GID of --address (tests/rxe/run runs
+// it inside the Soft-RoCE VM next to ib_write_bw / ib_write_lat on the same rxe0):
 //   bw_1m   1 MiB writes, --bw-depth async_writes in flight (ib_write_bw's tx-depth);
 //   rate_4k 4 KiB writes, --rate-batch per async_write (one chained post), --rate-depth
 //           batches in flight;
 //   lat_8b  one 8-byte async_write at a time awaited by a coroutine; the median of
 //           --lat-writes. ib_write_lat reports half a ping-pong round trip; ours is the time
 //           until the write's completion (the ACK came back): close to a full round trip.
+//   connect --connects handshakes (TCP, hello, verdict, QP exchange, region table and, where
+//           the receiver binds memory windows, their binding) to a receiver holding
+//           options::key, alternating with as many to a receiver that runs without one
+//           (allow_unauthenticated), both exposing the same table; the median of each, from
+//           async_connect to both ends done. Each connection is closed, and its end seen by
+//           the receiver, before the next. The key's cost is the difference: it is paid once
+//           per connection, never per write.
 // Every phase checks afterwards that the receiver's memory holds what was sent.
 // Output: human lines, and one "METRIC <name> <value> <unit>" line per result for the
 // harness. MB = 2^20 bytes, as perftest counts.
@@ -57,9 +65,11 @@ struct options {
   std::size_t rate_batch = 16;
   std::size_t rate_depth = 8;
   std::size_t lat_writes = 2000;
+  std::size_t connects = 20;
   std::size_t queue_pairs = 0;  // 0: the transport's default
   std::string poll = "adaptive";
   std::string only;
+  std::string windows = "auto";
 };
 
 constexpr std::size_t mib = 1u << 20;
@@ -170,14 +180,41 @@ asio::awaitable<void> accept(typename T::receiver* r, std::error_code* error,
 }
 
 template <class T>
-asio::awaitable<void> connect(T* t, asio::ip::tcp::endpoint endpoint,
+asio::awaitable<void> connect(T* t, asio::ip::tcp::endpoint endpoint, sl::sender_identity who,
                               std::optional<typename T::connection>* out,
                               std::error_code* error, bool* done) {
   auto [ec, c] =
-      co_await t->async_connect(endpoint, asio::experimental::as_tuple(asio::use_awaitable));
+      co_await t->async_connect(endpoint, who, asio::experimental::as_tuple(asio::use_awaitable));
   *error = ec;
   if (!ec) out->emplace(std::move(c));
   *done = true;
+}
+
+// One handshake of sender `id` with `r`: milliseconds from async_connect until both ends
+// completed. The connection is then closed, and the receiver has seen it go, on return.
+template <class T>
+double timed_connect(asio::io_context& io, T& t, typename T::receiver& r, std::uint32_t id) {
+  std::error_code accept_ec, connect_ec;
+  bool accepted = false, connected = false;
+  std::optional<typename T::connection> c;
+  const auto start = clock_type::now();
+  asio::co_spawn(io, accept<T>(&r, &accept_ec, &accepted), asio::detached);
+  asio::co_spawn(io, connect<T>(&t, r.local_endpoint(), sl::sender_identity{id, 0}, &c, &connect_ec, &connected),
+                 asio::detached);
+  run_until(io, "connect", [&] { return accepted && connected; });
+  const double ms = std::chrono::duration<double, std::milli>(clock_type::now() - start).count();
+  if (accept_ec) throw sl::error(accept_ec, "connect: accept failed: " + accept_ec.message());
+  if (connect_ec) throw sl::error(connect_ec, "connect: async_connect failed: " + connect_ec.message());
+  bool gone = false;
+  r.async_wait_notification([&](std::error_code, sl::notice) { gone = true; });
+  c->close();
+  run_until(io, "connect", [&] { return gone; });
+  return ms;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
 }
 
 std::size_t number(const std::string& flag, const char* v) {
@@ -195,8 +232,9 @@ options parse(int argc, char** argv) {
     if (k == "--help" || k == "-h") {
       std::puts("usage: bench_verbs [--device rxe0] [--address 127.0.0.2] [--port 18600]\n"
                 "       [--bw-writes N] [--bw-depth N] [--rate-writes N] [--rate-batch N]\n"
-                "       [--rate-depth N] [--lat-writes N] [--qps N] [--poll adaptive|busy|event]\n"
-                "       [--only bw|rate|lat]");
+                "       [--rate-depth N] [--lat-writes N] [--connects N] [--qps N]\n"
+                "       [--poll adaptive|busy|event] [--only bw|rate|lat|connect]\n"
+                "       [--memory-windows auto|off]");
       std::exit(0);
     }
     if (i + 1 >= argc) throw std::invalid_argument(k + " needs a value");
@@ -210,13 +248,17 @@ options parse(int argc, char** argv) {
     else if (k == "--rate-batch") o.rate_batch = number(k, v);
     else if (k == "--rate-depth") o.rate_depth = number(k, v);
     else if (k == "--lat-writes") o.lat_writes = number(k, v);
+    else if (k == "--connects") o.connects = number(k, v);
     else if (k == "--qps") o.queue_pairs = number(k, v);
     else if (k == "--poll") o.poll = v;
     else if (k == "--only") o.only = v;
+    else if (k == "--memory-windows") o.windows = v;
     else throw std::invalid_argument("unknown argument '" + k + "'");
   }
-  if (!o.only.empty() && o.only != "bw" && o.only != "rate" && o.only != "lat")
-    throw std::invalid_argument("--only must be bw, rate or lat, not '" + o.only + "'");
+  if (!o.only.empty() && o.only != "bw" && o.only != "rate" && o.only != "lat" && o.only != "connect")
+    throw std::invalid_argument("--only must be bw, rate, lat or connect, not '" + o.only + "'");
+  if (o.windows != "auto" && o.windows != "off")
+    throw std::invalid_argument("--memory-windows must be auto or off, not '" + o.windows + "'");
   if (o.poll != "adaptive" && o.poll != "busy" && o.poll != "event")
     throw std::invalid_argument("--poll must be adaptive, busy or event, not '" + o.poll + "'");
   return o;
@@ -230,6 +272,7 @@ int run(const options& o) {
   vo.key = sl::shared_key::generate();  // sender and receiver are this process
   vo.device = o.device;
   if (o.queue_pairs) vo.queue_pairs = o.queue_pairs;
+  if (o.windows == "off") vo.memory_windows = sl::verbs::memory_window_use::off;
   T t(io.get_executor(), vo);
   const asio::ip::tcp::endpoint endpoint(asio::ip::make_address(o.address), o.port);
   typename T::receiver r(t, endpoint);
@@ -255,7 +298,7 @@ int run(const options& o) {
   bool accepted = false, connected = false;
   std::optional<typename T::connection> connection;
   asio::co_spawn(io, accept<T>(&r, &accept_ec, &accepted), asio::detached);
-  asio::co_spawn(io, connect<T>(&t, endpoint, &connection, &connect_ec, &connected),
+  asio::co_spawn(io, connect<T>(&t, endpoint, sl::sender_identity{}, &connection, &connect_ec, &connected),
                  asio::detached);
   run_until(io, "connect", [&] { return accepted && connected; });
   if (accept_ec) throw sl::error(accept_ec, "receiver: accept failed: " + accept_ec.message());
@@ -266,9 +309,10 @@ int run(const options& o) {
   const sl::remote_region* lat_region = table.find("bench.lat");
   if (!bw_region || !rate_region || !lat_region)
     throw std::runtime_error("the receiver's region table lacks the bench regions");
-  std::printf("bench_verbs: connected over %s (%s), %s polling, %zu QPs, receiver and sender "
-              "in one process\n",
-              o.device.c_str(), o.address.c_str(), o.poll.c_str(), t.get_options().queue_pairs);
+  std::printf("bench_verbs: connected over %s (%s), %s polling, %zu QPs, memory windows %s, "
+              "receiver and sender in one process\n",
+              o.device.c_str(), o.address.c_str(), o.poll.c_str(), t.get_options().queue_pairs,
+              r.memory_windows() ? "on" : "off");
 
   if (o.only.empty() || o.only == "bw") {
     phase<T> p;
@@ -333,6 +377,33 @@ int run(const options& o) {
                 samples.size(), samples.front(), median, samples[samples.size() * 99 / 100]);
     std::printf("METRIC verbs.lat_8b %.2f us\n", median);
     std::fflush(stdout);
+  }
+
+  if (o.only.empty() || o.only == "connect") {
+    // The same table behind a receiver that holds no key (it warns once on stderr).
+    sl::verbs::options open_options = vo;
+    open_options.key.reset();
+    open_options.allow_unauthenticated = true;
+    T open_t(io.get_executor(), open_options);
+    typename T::receiver open_r(open_t, asio::ip::tcp::endpoint(endpoint.address(), 0));
+    auto open_arena = open_r.allocate(arena.size());
+    open_r.expose("bench.bw", open_arena.subspan(0, bw_remote.size()));
+    open_r.expose("bench.rate", open_arena.subspan(bw_remote.size(), rate_remote.size()));
+    open_r.expose("bench.lat", open_arena.subspan(bw_remote.size() + rate_remote.size(), lat_size));
+    std::vector<double> keyed, unauthenticated;
+    for (std::size_t i = 0; i < o.connects; ++i) {  // alternating: both see the same host load
+      keyed.push_back(timed_connect(io, t, r, static_cast<std::uint32_t>(i + 1)));
+      unauthenticated.push_back(timed_connect(io, open_t, open_r, static_cast<std::uint32_t>(i + 1)));
+    }
+    const double k = median(keyed), u = median(unauthenticated);
+    std::printf("connect: %zu handshakes each, alternating: with the key median %.3f ms (min %.3f), "
+                "unauthenticated median %.3f ms (min %.3f): the key adds %.3f ms per connection\n",
+                o.connects, k, *std::min_element(keyed.begin(), keyed.end()), u,
+                *std::min_element(unauthenticated.begin(), unauthenticated.end()), k - u);
+    std::printf("METRIC verbs.connect_keyed %.3f ms\n", k);
+    std::printf("METRIC verbs.connect_unauthenticated %.3f ms\n", u);
+    std::fflush(stdout);
+    open_r.close();
   }
 
   connection->close();

@@ -352,7 +352,12 @@ private:
   static std::uint64_t align(std::uint64_t n) { return (n + 4095) / 4096 * 4096; }
 
   typename Transport::registration register_staging(Transport& transport) {
-    require_kind(Transport::source_kinds, block_.location(), "the transport", "the staging memory");
+    // A transport configured to read more than its static source_kinds (verbs with dma-buf
+    // registration) says so at run time.
+    if constexpr (requires { transport.readable_kinds(); })
+      require_kind(transport.readable_kinds(), block_.location(), "the transport", "the staging memory");
+    else
+      require_kind(Transport::source_kinds, block_.location(), "the transport", "the staging memory");
     return transport.register_memory(block_.bytes(), block_.location());
   }
 
@@ -366,6 +371,16 @@ private:
       throw error(make_error_code(errc::invalid_argument),
                   "update_pipeline: receiver " + std::to_string(r) + " does not exist (the plan has " +
                       std::to_string(receivers_.size()) + " receivers)");
+  }
+
+  // What the transport writes in a receiver's memory: destination_kinds, or, where a receiver
+  // may expose more than that (verbs: cuda_device registered through dma-buf), whatever kind
+  // a receiver put in its table.
+  static constexpr memory_kinds remote_kinds() noexcept {
+    if constexpr (requires { Transport::exposed_kinds; })
+      return Transport::exposed_kinds;
+    else
+      return Transport::destination_kinds;
   }
 
   // The receiver's region of every parameter this sender writes to it, by plan position.
@@ -394,8 +409,8 @@ private:
                       who() + " holds " + to_string(*region->layout) + ", the plan sends " +
                           to_string(planned) + " (same " + std::to_string(region->length) + " bytes)");
         }
-        if (!Transport::destination_kinds.contains(region->location.kind))
-          require_kind(Transport::destination_kinds, region->location, "the transport", who() + "'s memory");
+        if (!remote_kinds().contains(region->location.kind))
+          require_kind(remote_kinds(), region->location, "the transport", who() + "'s memory");
         out[at] = region;
       }
     return out;

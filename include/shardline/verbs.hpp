@@ -5,6 +5,7 @@
 #include <shardline/transport/verbs/device.hpp>
 #include <shardline/transport/verbs/error.hpp>
 #include <shardline/transport/verbs/memory_region.hpp>
+#include <shardline/transport/verbs/memory_window.hpp>
 #include <shardline/transport/verbs/options.hpp>
 #include <shardline/transport/verbs/queue_pair.hpp>
 #include <shardline/transport/verbs/transport.hpp>

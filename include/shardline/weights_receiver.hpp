@@ -21,6 +21,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <new>
@@ -44,6 +45,23 @@ struct engine_tensor {
   memory_location location{};
 };
 
+/// One shadow -> live copy at commit: a parameter (adopt mode) or the whole arena (layout mode).
+struct shadow_copy {
+  std::span<const std::byte> from;  ///< in the shadow (host memory the transport allocated)
+  std::span<std::byte> to;          ///< live memory
+  memory_location to_location{};    ///< where `to` lives
+};
+
+/// What copies a committed shadow into live memory in place of memcpy, so that live tensors
+/// may be memory memcpy cannot write (cuda_device: shardline/cuda/gpudirect.hpp's
+/// cuda::device_commit_copy). `copy` runs on the receiver's executor with every copy of one
+/// committed version, returns once every byte is live, and throws std::system_error (e.g.
+/// shardline::error) when it cannot: the version then fails to commit with that code.
+struct commit_copier {
+  memory_kinds kinds;  ///< the live memory kinds it writes
+  std::function<void(std::span<const shadow_copy>)> copy;
+};
+
 /// How a weights_receiver holds what its senders write.
 struct receiver_options {
   /// Where each parameter starts in an arena the receiver lays out (its parameters in layout
@@ -53,8 +71,10 @@ struct receiver_options {
   /// out like the live parameters and exposed instead of them. When a version commits, every
   /// parameter is copied shadow -> live before the version is announced, so live memory is
   /// never half-written. Costs twice the memory and one local copy of every byte per version.
-  /// Host memory only (memcpy); the device copy for cuda_device tensors comes with the CUDA part.
+  /// Host memory only (memcpy), unless commit_copy is set.
   bool shadow = false;
+  /// With a shadow: the commit's copy (unset: memcpy, live memory host or host_pinned only).
+  commit_copier commit_copy{};
 };
 
 /// Whether the receiver's memory holds one whole version.
@@ -91,7 +111,7 @@ public:
   /// The same, with options (a shadow copy: see receiver_options). Also throws
   /// errc::invalid_argument for an alignment that is not a power of two.
   weights_receiver(Receiver& endpoint, std::vector<parameter_descriptor> parameters, receiver_options options)
-      : endpoint_(endpoint), parameters_(std::move(parameters)), quorum_{0}, shadow_(options.shadow) {
+      : endpoint_(endpoint), parameters_(std::move(parameters)), quorum_{0}, shadow_(options.shadow), commit_copy_(std::move(options.commit_copy)) {
     lay_out(options.alignment);
     endpoint_.admit({1, 0});
   }
@@ -107,7 +127,8 @@ public:
   /// The same, with options (a shadow copy: see receiver_options).
   weights_receiver(Receiver& endpoint, const transfer_plan& plan, std::size_t receiver, receiver_options options)
       : endpoint_(endpoint), parameters_(plan.receiver_parameters(receiver)),
-        quorum_(plan.receiver_senders(receiver)), shadow_(options.shadow) {
+        quorum_(plan.receiver_senders(receiver)), shadow_(options.shadow),
+        commit_copy_(std::move(options.commit_copy)) {
     lay_out(options.alignment);
     endpoint_.admit({static_cast<std::uint32_t>(plan.senders()), plan.fingerprint()});
   }
@@ -123,12 +144,13 @@ public:
   ///
   /// With options.shadow the transport exposes a shadow arena it allocated (laid out with
   /// options.alignment) and never the engine's tensors, so they may be memory it cannot
-  /// share (plain memory under shm); a cuda_device tensor then throws
-  /// errc::unsupported_memory naming it (its copy at commit needs the CUDA part).
+  /// share (plain memory under shm); a tensor of a kind the commit's copy cannot write
+  /// (cuda_device without options.commit_copy) throws errc::unsupported_memory naming it.
   weights_receiver(Receiver& endpoint, const transfer_plan& plan, std::size_t receiver,
                    std::vector<engine_tensor> tensors, receiver_options options = {})
       : endpoint_(endpoint), parameters_(plan.receiver_parameters(receiver)),
-        quorum_(plan.receiver_senders(receiver)), shadow_(options.shadow) {
+        quorum_(plan.receiver_senders(receiver)), shadow_(options.shadow),
+        commit_copy_(std::move(options.commit_copy)) {
     adopt(std::move(tensors), options.alignment);
     endpoint_.admit({static_cast<std::uint32_t>(plan.senders()), plan.fingerprint()});
   }
@@ -156,7 +178,9 @@ public:
   /// live memory is never dirty: shadow_dirty says a version that did not commit (or has not
   /// yet) is partly in the shadow.
   const memory_state& state() const noexcept { return state_; }
-  /// Why the last notice was refused (errc::unknown_sender, errc::stale_version), naming the sender.
+  /// Why the last notice was refused (errc::unknown_sender, errc::stale_version,
+  /// errc::protocol_error), naming the sender, e.g. "sender 1 committed version 5 without
+  /// beginning it".
   const std::string& last_refusal() const noexcept { return last_refusal_; }
 
   /// Completion void(std::error_code, std::uint32_t version). Succeeds when a version
@@ -166,8 +190,10 @@ public:
   /// longer commit: a sender of the quorum aborted it, withdrew it, or disconnected while
   /// writing it (state().reason names the sender); the next version, or a new attempt at
   /// the same one, starts afresh. Fails with errc::unknown_sender for a notice from a sender
-  /// outside the quorum, errc::stale_version for a begin at or below the committed version
-  /// (last_refusal() names the sender), and with the endpoint's error when it is closed. A sender that disconnects between versions is not
+  /// outside the quorum, errc::stale_version for a begin at or below the committed version,
+  /// errc::protocol_error for a commit or abort of a version its sender did not begin (never,
+  /// or it began another): such a notice never counts toward the quorum (last_refusal() names
+  /// the sender and what it did), and with the endpoint's error when it is closed. A sender that disconnects between versions is not
   /// an error (a restarted trainer reconnects).
   template <class Token>
   auto async_wait_commit(Token&& token) {
@@ -227,7 +253,7 @@ private:
       live_storage_ = owned_bytes(static_cast<std::byte*>(::operator new[](total, aligned)), {aligned});
       live = {live_storage_.get(), total};
       std::memset(live.data(), 0, total);
-      copies_.push_back({arena_, live});
+      copies_.push_back({arena_, live, memory_location::host()});
     }
     for (std::size_t i = 0; i < parameters_.size(); ++i) {
       const auto& p = parameters_[i];
@@ -283,7 +309,11 @@ private:
                                               to_string(planned));
     }
     if (shadow_) return adopt_shadowed(tensors, by_name, alignment);
-    if constexpr (requires { Receiver::destination_kinds; })
+    if constexpr (requires { endpoint_.exposable_kinds(); })  // what this endpoint takes as configured
+      for (const auto& p : parameters_)
+        require_kind(endpoint_.exposable_kinds(), tensors[by_name.at(p.name)].location, "the transport",
+                     "tensor '" + p.name + "'");
+    else if constexpr (requires { Receiver::destination_kinds; })
       for (const auto& p : parameters_)
         require_kind(Receiver::destination_kinds, tensors[by_name.at(p.name)].location, "the transport",
                      "tensor '" + p.name + "'");
@@ -300,11 +330,15 @@ private:
                       const std::unordered_map<std::string, std::size_t>& by_name, std::size_t alignment) {
     for (const auto& p : parameters_) {
       const auto& t = tensors[by_name.at(p.name)];
-      if (t.location.kind != memory_kind::host && t.location.kind != memory_kind::host_pinned)
+      const bool host = t.location.kind == memory_kind::host || t.location.kind == memory_kind::host_pinned;
+      if (commit_copy_.copy ? !commit_copy_.kinds.contains(t.location.kind) : !host)
         throw error(make_error_code(errc::unsupported_memory),
-                    "weights_receiver: tensor '" + p.name + "' is " + to_string(t.location) +
-                        " memory: its shadow copy needs a device copy, which comes with the CUDA part "
-                        "(the shadow copies host and host_pinned memory)");
+                    "weights_receiver: tensor '" + p.name + "' is " + to_string(t.location) + " memory: " +
+                        (commit_copy_.copy ? "receiver_options::commit_copy writes " + commit_copy_.kinds.describe()
+                                           : std::string("its shadow copy needs a device copy from the CUDA part "
+                                                         "(receiver_options::commit_copy = "
+                                                         "cuda::device_commit_copy(), shardline/cuda/gpudirect.hpp); "
+                                                         "memcpy copies host and host_pinned memory")));
     }
     const auto offsets = arena_offsets(alignment);
     arena_ = endpoint_.allocate(offsets.back());
@@ -315,14 +349,31 @@ private:
       const auto shadow = arena_.subspan(offsets[i], t.bytes.size());
       endpoint_.expose({p.name, shadow, memory_location::host(), tensor_layout{t.type, t.shape}});
       spans_.emplace(p.name, t.bytes);
-      copies_.push_back({shadow, t.bytes});
+      copies_.push_back({shadow, t.bytes, t.location});
     }
   }
 
   // The committed version goes live: every shadow byte, copied in place of the last one.
-  void publish_shadow() noexcept {
-    for (const auto& c : copies_)
-      if (!c.to.empty()) std::memcpy(c.to.data(), c.from.data(), c.to.size());
+  // A failed commit_copy leaves live memory dirty (part of it may be copied): the version
+  // fails with its code, state().reason says why.
+  std::optional<std::pair<std::error_code, std::uint32_t>> publish_shadow(std::uint32_t version) {
+    if (!commit_copy_.copy) {
+      for (const auto& c : copies_)
+        if (!c.to.empty()) std::memcpy(c.to.data(), c.from.data(), c.to.size());
+      return std::nullopt;
+    }
+    try {
+      commit_copy_.copy(copies_);
+      return std::nullopt;
+    } catch (const std::system_error& failure) {
+      state_.dirty = true;
+      state_.target = version;
+      state_.since = memory_state::clock::now();
+      state_.reason = "copying the shadow of version " + std::to_string(version) +
+                      " into live memory failed: " + failure.what();
+      active_ = false;
+      return std::pair{failure.code(), version};
+    }
   }
 
   // The flag of the memory senders write: live memory, or the shadow.
@@ -343,6 +394,8 @@ private:
     const std::string who = "sender " + std::to_string(n.sender);
     const std::string what = " version " + std::to_string(target_);
     if (ec == errc::peer_disconnected) {
+      // A sender that comes back (a restarted trainer) begins afresh.
+      open_.erase(n.sender);
       const bool was_writing = active_ && !abandoned_ && began(n.sender) && !committed(n.sender);
       if (!was_writing) return std::nullopt;
       abandon(who + " disconnected while writing" + what);
@@ -352,6 +405,10 @@ private:
     if (!in_quorum(n.sender)) {
       last_refusal_ = who + " sent a " + std::string(to_string(n.kind)) + " notice but is not a sender of this receiver";
       return std::pair{make_error_code(errc::unknown_sender), n.version};
+    }
+    if (auto violation = out_of_sequence(n)) {
+      last_refusal_ = who + " " + *violation;
+      return std::pair{make_error_code(errc::protocol_error), n.version};
     }
     // Versions move forward: one at or below the last committed is a stale notice, refused.
     if (state_.committed && n.version <= *state_.committed && n.kind == notice_kind::begin) {
@@ -388,7 +445,8 @@ private:
         committed_.push_back(n.sender);
         if (!std::all_of(quorum_.begin(), quorum_.end(), [this](std::uint32_t s) { return committed(s); }))
           return std::nullopt;
-        if (shadow_) publish_shadow();
+        if (shadow_)
+          if (auto failed = publish_shadow(n.version)) return failed;
         state_ = {false, n.version, 0, {}, {}, false};
         active_ = false;
         return std::pair{std::error_code{}, n.version};
@@ -413,6 +471,33 @@ private:
     return std::nullopt;
   }
 
+  // Each sender's own sequence: begin V, then its commit, abort or withdraw of V. A commit or
+  // abort of a version the sender is not in (never began, or began another) is a protocol
+  // violation of that sender: what it says of its writes cannot be true, so it never counts.
+  // A begin refused as stale still opens its version, so that its commit is a stale notice,
+  // not a violation. Returns what the sender did wrong, or nothing (and tracks the sequence).
+  std::optional<std::string> out_of_sequence(const notice& n) {
+    const auto it = open_.find(n.sender);
+    const std::string what = std::string(n.kind == notice_kind::commit ? "committed" : "aborted") + " version " +
+                             std::to_string(n.version);
+    switch (n.kind) {
+      case notice_kind::begin:
+        open_[n.sender] = n.version;
+        return std::nullopt;
+      case notice_kind::commit:
+      case notice_kind::abort:
+        if (it == open_.end()) return what + " without beginning it";
+        if (it->second != n.version) return what + " while in version " + std::to_string(it->second);
+        open_.erase(it);
+        return std::nullopt;
+      case notice_kind::withdraw:
+        // Also says "not taking part" in a version the sender never began: allowed.
+        if (it != open_.end() && it->second == n.version) open_.erase(it);
+        return std::nullopt;
+    }
+    return std::nullopt;
+  }
+
   bool began(std::uint32_t s) const noexcept { return std::find(began_.begin(), began_.end(), s) != began_.end(); }
   bool committed(std::uint32_t s) const noexcept {
     return std::find(committed_.begin(), committed_.end(), s) != committed_.end();
@@ -423,16 +508,11 @@ private:
     void operator()(std::byte* p) const noexcept { ::operator delete[](p, alignment); }
   };
   using owned_bytes = std::unique_ptr<std::byte[], aligned_delete>;
-  // One shadow -> live copy at commit: the whole arena in layout mode, a tensor in adopt mode.
-  struct shadow_copy {
-    std::span<const std::byte> from;
-    std::span<std::byte> to;
-  };
-
   Receiver& endpoint_;
   std::vector<parameter_descriptor> parameters_;
   std::vector<std::uint32_t> quorum_;
   bool shadow_ = false;
+  commit_copier commit_copy_;
   std::span<std::byte> arena_;  // what the transport exposes: the parameters, or their shadow
   owned_bytes live_storage_{nullptr, {std::align_val_t{alignof(std::max_align_t)}}};  // layout mode + shadow
   std::vector<shadow_copy> copies_;
@@ -446,6 +526,8 @@ private:
   std::uint32_t target_ = 0;
   std::vector<std::uint32_t> began_;
   std::vector<std::uint32_t> committed_;
+  // The version each sender of the quorum began and has not yet committed, aborted or withdrawn.
+  std::unordered_map<std::uint32_t, std::uint32_t> open_;
 };
 
 }  // namespace shardline

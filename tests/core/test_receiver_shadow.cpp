@@ -41,7 +41,7 @@ namespace {
 
 using receiver_type = sl::weights_receiver<sl::loopback_transport::receiver>;
 
-constexpr sl::receiver_options shadowed{.shadow = true};
+const sl::receiver_options shadowed{.shadow = true};  // not constexpr: commit_copy is a std::function
 
 const std::string q_proj = "layers.0.self_attn.q_proj.weight";
 const std::string k_proj = "layers.0.self_attn.k_proj.weight";

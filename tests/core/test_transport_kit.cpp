@@ -350,6 +350,182 @@ TEST_CASE("handshake: any cancellation type ends it with operation_aborted and c
   CHECK_FALSE(client->is_open());
 }
 
+// ---- handshake_listener: concurrent handshakes -------------------------------------------
+
+// A receiver built from the kit alone: a Unix listener, its handshake_listener, and the
+// results its async_accept would report, in order.
+struct kit_receiver : std::enable_shared_from_this<kit_receiver> {
+  using handshakes_type = sd::handshake_listener<asio::any_io_executor, socket_type>;
+  struct pending {
+    explicit pending(asio::io_context& io) : socket(io) {}
+    socket_type socket;
+  };
+  kit_receiver(asio::io_context& c, const char* name, std::size_t limit, std::chrono::steady_clock::duration t)
+      : io(c), l(c, socket_path(name)), timeout(t),
+        handshakes(std::make_shared<handshakes_type>(c.get_executor(), limit)) {}
+
+  asio::io_context& io;
+  listener l;
+  std::chrono::steady_clock::duration timeout;
+  std::shared_ptr<handshakes_type> handshakes;
+  int exchanges = 0, judged = 0;
+  std::vector<std::shared_ptr<pending>> admitted;
+  std::vector<std::shared_ptr<pending>> made;  // every socket accepted into, or waiting to be
+
+  struct driver {
+    std::weak_ptr<kit_receiver> r;
+    std::shared_ptr<kit_receiver> lock() const { return r.lock(); }
+    handshakes_type& listener(kit_receiver& k) const { return *k.handshakes; }
+    acceptor_type& acceptor(kit_receiver& k) const { return k.l.acceptor; }
+    std::shared_ptr<pending> make_pending(kit_receiver& k) const {
+      return k.made.emplace_back(std::make_shared<pending>(k.io));
+    }
+    template <class Done>
+    void handshake(kit_receiver& k, std::shared_ptr<pending> p, Done done) const {
+      sd::async_handshake_accepted(std::shared_ptr<socket_type>(p, &p->socket), magic, k.timeout,
+                                   test_hooks{{}, &k.exchanges, &k.judged}, std::move(done));
+    }
+    std::error_code admit(kit_receiver& k, const std::shared_ptr<pending>& p, std::error_code ec,
+                          sl::sender_identity) const {
+      if (!ec) k.admitted.push_back(p);
+      return ec;
+    }
+  };
+
+  // What the transport's async_accept does: take the next result, keep the listener accepting.
+  template <class Handler>
+  void async_accept(Handler h) {
+    handshakes->take(std::move(h));
+    sd::accept_peers(driver{weak_from_this()});
+  }
+};
+
+struct taken_result {
+  std::optional<std::error_code> ec;
+  std::uint32_t sender = 0;
+  auto handler() {
+    return [this](std::error_code e, std::uint32_t s) {
+      ec = e;
+      sender = s;
+    };
+  }
+};
+
+TEST_CASE("handshake_listener: a silent peer holds only its own handshake; a sender behind it is admitted first") {
+  asio::io_context io;
+  // An hour: if the silent peer held the listener, drive()'s hang guard would fail the test.
+  auto r = std::make_shared<kit_receiver>(io, "silent-first", 16, std::chrono::hours(1));
+  taken_result first;
+  r->async_accept(first.handler());
+  socket_type mute(io);
+  mute.connect(asio::local::stream_protocol::endpoint(r->l.path));
+  REQUIRE(drive(io, [&] { return r->handshakes->running() == 1; }));  // the silent peer's handshake runs
+  auto client = std::make_shared<socket_type>(io);
+  read_ok exchange;
+  std::optional<std::error_code> connected;
+  sd::async_handshake_as_sender(client, asio::local::stream_protocol::endpoint(r->l.path), magic, {5, 0}, 1h,
+                                exchange, [&](std::error_code ec) { connected = ec; });
+  REQUIRE(drive(io, [&] { return connected && first.ec; }));
+  CHECK(*connected == std::error_code{});
+  CHECK(*first.ec == std::error_code{});
+  CHECK(first.sender == 5);
+  CHECK(std::string(exchange.got->data(), 2) == "ok");
+  CHECK(r->admitted.size() == 1);
+  CHECK(r->handshakes->running() == 1);  // the silent one, still within its deadline
+
+  // close() drops it: end of file, no verdict; a pending take ends with operation_aborted.
+  taken_result second;
+  r->async_accept(second.handler());
+  sl::testing::settle(io);
+  CHECK_FALSE(second.ec.has_value());
+  r->handshakes->close();
+  REQUIRE(drive(io, [&] { return second.ec.has_value(); }));
+  CHECK(*second.ec == asio::error::operation_aborted);
+  char byte;
+  std::error_code end;
+  mute.read_some(asio::buffer(&byte, 1), end);
+  CHECK(end == asio::error::eof);
+}
+
+TEST_CASE("handshake_listener: past max pending handshakes it accepts nothing until a result is taken") {
+  asio::io_context io;
+  auto r = std::make_shared<kit_receiver>(io, "limit", 2, std::chrono::hours(1));
+  taken_result first;
+  r->async_accept(first.handler());
+  socket_type mute1(io), mute2(io);
+  mute1.connect(asio::local::stream_protocol::endpoint(r->l.path));
+  mute2.connect(asio::local::stream_protocol::endpoint(r->l.path));
+  REQUIRE(drive(io, [&] { return r->handshakes->running() == 2; }));
+  CHECK_FALSE(r->handshakes->may_accept());
+  // A sender beyond the limit waits in the backlog: nobody reads its hello.
+  auto client = std::make_shared<socket_type>(io);
+  std::optional<std::error_code> connected;
+  sd::async_handshake_as_sender(client, asio::local::stream_protocol::endpoint(r->l.path), magic, {7, 0}, 1h,
+                                read_ok{}, [&](std::error_code ec) { connected = ec; });
+  sl::testing::settle(io);
+  CHECK_FALSE(connected.has_value());
+  CHECK(r->judged == 0);
+  // One silent peer leaves: its result goes to the pending take, which makes room.
+  mute1.close();
+  REQUIRE(drive(io, [&] { return first.ec.has_value(); }));
+  CHECK(*first.ec == sl::errc::peer_disconnected);
+  REQUIRE(drive(io, [&] { return connected.has_value(); }));
+  CHECK(*connected == std::error_code{});
+  // Its result waits for the next take, in the order the handshakes ended.
+  taken_result second;
+  r->async_accept(second.handler());
+  REQUIRE(drive(io, [&] { return second.ec.has_value(); }));
+  CHECK(*second.ec == std::error_code{});
+  CHECK(second.sender == 7);
+  r->handshakes->close();
+}
+
+TEST_CASE("handshake_listener: a cancelled take loses no result; two handshakes cannot claim one id") {
+  asio::io_context io;
+  auto r = std::make_shared<kit_receiver>(io, "cancel-take", 4, std::chrono::hours(1));
+  asio::cancellation_signal signal;
+  taken_result cancelled;
+  r->async_accept(asio::bind_cancellation_slot(signal.slot(), cancelled.handler()));
+  sl::testing::settle(io);
+  signal.emit(asio::cancellation_type::terminal);
+  REQUIRE(drive(io, [&] { return cancelled.ec.has_value(); }));
+  CHECK(*cancelled.ec == asio::error::operation_aborted);
+  // The listener kept accepting: a sender's handshake completes, its result kept.
+  auto client = std::make_shared<socket_type>(io);
+  std::optional<std::error_code> connected;
+  sd::async_handshake_as_sender(client, asio::local::stream_protocol::endpoint(r->l.path), magic, {3, 0}, 1h,
+                                read_ok{}, [&](std::error_code ec) { connected = ec; });
+  REQUIRE(drive(io, [&] { return connected.has_value(); }));
+  CHECK(*connected == std::error_code{});
+  taken_result later;
+  r->async_accept(later.handler());
+  REQUIRE(drive(io, [&] { return later.ec.has_value(); }));
+  CHECK(*later.ec == std::error_code{});
+  CHECK(later.sender == 3);
+
+  // Two peers in mid-handshake: the first to claim sender 9 has it until its handshake ends.
+  const std::size_t before = r->made.size();
+  socket_type a(io);
+  a.connect(asio::local::stream_protocol::endpoint(r->l.path));
+  REQUIRE(drive(io, [&] { return r->handshakes->running() == 1; }));
+  socket_type b(io);
+  b.connect(asio::local::stream_protocol::endpoint(r->l.path));
+  REQUIRE(drive(io, [&] { return r->handshakes->running() == 2; }));
+  REQUIRE(r->made.size() >= before + 2);
+  const socket_type* of_a = &r->made[before - 1]->socket;  // accepted into the socket made last before
+  const socket_type* of_b = &r->made[before]->socket;
+  CHECK(r->handshakes->claim(of_a, 9));
+  CHECK_FALSE(r->handshakes->claim(of_b, 9));
+  CHECK(r->handshakes->claim(of_b, 10));
+  taken_result gone;
+  r->async_accept(gone.handler());
+  a.close();
+  REQUIRE(drive(io, [&] { return gone.ec.has_value(); }));
+  CHECK(*gone.ec == sl::errc::peer_disconnected);
+  CHECK(r->handshakes->claim(of_b, 9));  // a's handshake ended: 9 is free
+  r->handshakes->close();
+}
+
 // ---- shared key -----------------------------------------------------------------------
 
 std::vector<std::byte> key_bytes(unsigned char first) {
@@ -931,6 +1107,300 @@ TEST_CASE("expose_region: kind, then the transport's key, then name and overlap;
       },
       sl::errc::unsupported_memory, {"kit receiver: region 'c' is not ours"});
   CHECK(table.size() == 1);
+}
+
+
+// ---- sealed control link (keyed network transports) -----------------------------------
+
+sd::session_key session_key_of(unsigned char fill) {
+  std::array<unsigned char, sd::session_key::size> b{};
+  b.fill(fill);
+  return sd::session_key(b);
+}
+
+// A frame as a keyed peer puts it on the wire: the frame, then the first 16 bytes of its MAC.
+std::string sealed(const sd::notice_frame& f, unsigned char key_fill, sd::seal_direction way, std::uint64_t seq) {
+  const auto mac = sd::notice_seal::tag(session_key_of(key_fill), way, seq, f);
+  std::string s(reinterpret_cast<const char*>(f.data()), f.size());
+  s.append(reinterpret_cast<const char*>(mac.data()), sd::seal_tag_bytes);
+  return s;
+}
+
+struct sealed_peer : sd::notice_source<socket_type, sd::notice_seal> {
+  using sd::notice_source<socket_type, sd::notice_seal>::notice_source;
+};
+
+struct sealed_inbox : std::enable_shared_from_this<sealed_inbox> {
+  std::vector<sl::notice> got;
+  std::optional<std::error_code> left;
+  bool serving(const sealed_peer&) const { return !left; }
+  bool notice_arrived(const std::shared_ptr<sealed_peer>&, sl::notice n) {
+    got.push_back(n);
+    return true;
+  }
+  void sender_left(const std::shared_ptr<sealed_peer>&, std::error_code why) {
+    CHECK_FALSE(left.has_value());  // once
+    left = why;
+  }
+};
+
+struct sealed_link_listener {
+  explicit sealed_link_listener(socket_type s) : link(std::move(s)) {}
+  sd::notice_link<socket_type, sealed_link_listener, sd::notice_seal> link;
+  std::vector<std::uint64_t> acked;
+  std::optional<std::error_code> ended;
+  void notice_acknowledged(std::uint64_t tag) { acked.push_back(tag); }
+  void control_ended(std::error_code why) {
+    CHECK_FALSE(ended.has_value());  // once
+    ended = why;
+  }
+};
+
+// A sender's sealed link under session key `fill`, its other end left raw.
+struct sealed_sender {
+  explicit sealed_sender(asio::io_context& io, unsigned char fill = 7) : io(io), raw(io) {
+    socket_type end(io);
+    asio::local::connect_pair(end, raw);
+    l = std::make_shared<sealed_link_listener>(std::move(end));
+    l->link.seal() = sd::notice_seal(session_key_of(fill), sd::seal_direction::notice);
+    l->link.watch(l);
+  }
+  std::string read(std::size_t n) {
+    std::string b(n, '\0');
+    std::optional<std::error_code> done;
+    asio::async_read(raw, asio::buffer(b), [&](std::error_code ec, std::size_t) { done = ec; });
+    REQUIRE(drive(io, [&] { return done.has_value(); }));
+    REQUIRE_FALSE(*done);
+    return b;
+  }
+  asio::io_context& io;
+  socket_type raw;
+  std::shared_ptr<sealed_link_listener> l;
+};
+
+// A receiver's sealed peer under session key `fill`, served; the sender's end left raw.
+struct sealed_receiver {
+  explicit sealed_receiver(asio::io_context& io, unsigned char fill = 7) : io(io), raw(io) {
+    socket_type end(io);
+    asio::local::connect_pair(raw, end);
+    peer = std::make_shared<sealed_peer>(std::move(end));
+    peer->sender = 3;
+    peer->seal = sd::notice_seal(session_key_of(fill), sd::seal_direction::ack);
+    sd::serve_notices(std::weak_ptr<sealed_inbox>(inbox), peer);
+  }
+  std::string read(std::size_t n) {
+    std::string b(n, '\0');
+    std::optional<std::error_code> done;
+    asio::async_read(raw, asio::buffer(b), [&](std::error_code ec, std::size_t) { done = ec; });
+    REQUIRE(drive(io, [&] { return done.has_value(); }));
+    REQUIRE_FALSE(*done);
+    return b;
+  }
+  asio::io_context& io;
+  socket_type raw;
+  std::shared_ptr<sealed_peer> peer;
+  std::shared_ptr<sealed_inbox> inbox = std::make_shared<sealed_inbox>();
+};
+
+TEST_CASE("notice seal: notices go out as frame and 16-byte tag, numbered per direction; sealed acks acknowledge them") {
+  asio::io_context io;
+  sealed_sender s(io);
+  const auto begin = sd::encode_notice(sl::notice_kind::begin, 4);
+  const auto commit = sd::encode_notice(sl::notice_kind::commit, 4);
+  s.l->link.send(begin, 11);
+  s.l->link.send(commit, 12);
+  CHECK(s.read(2 * (sd::notice_bytes + sd::seal_tag_bytes)) ==
+        sealed(begin, 7, sd::seal_direction::notice, 0) + sealed(commit, 7, sd::seal_direction::notice, 1));
+  asio::write(s.raw, asio::buffer(sealed(begin, 7, sd::seal_direction::ack, 0) +
+                                  sealed(commit, 7, sd::seal_direction::ack, 1)));
+  REQUIRE(drive(io, [&] { return s.l->acked.size() == 2; }));
+  CHECK(s.l->acked == std::vector<std::uint64_t>{11, 12});
+  CHECK_FALSE(s.l->ended.has_value());
+  CHECK(s.l->link.is_open());
+}
+
+TEST_CASE("notice seal: a sealed link and a sealed peer under one session key deliver begin and commit, both acked") {
+  asio::io_context io;
+  socket_type a(io), b(io);
+  asio::local::connect_pair(a, b);
+  auto sender = std::make_shared<sealed_link_listener>(std::move(a));
+  sender->link.seal() = sd::notice_seal(session_key_of(9), sd::seal_direction::notice);
+  sender->link.watch(sender);
+  auto peer = std::make_shared<sealed_peer>(std::move(b));
+  peer->sender = 5;
+  peer->seal = sd::notice_seal(session_key_of(9), sd::seal_direction::ack);
+  auto inbox = std::make_shared<sealed_inbox>();
+  sd::serve_notices(std::weak_ptr<sealed_inbox>(inbox), peer);
+  for (std::uint32_t v = 1; v <= 3; ++v) {
+    sender->link.send(sd::encode_notice(sl::notice_kind::begin, v), 2 * v);
+    sender->link.send(sd::encode_notice(sl::notice_kind::commit, v), 2 * v + 1);
+  }
+  REQUIRE(drive(io, [&] { return sender->acked.size() == 6; }));
+  CHECK(sender->acked == std::vector<std::uint64_t>{2, 3, 4, 5, 6, 7});
+  REQUIRE(inbox->got.size() == 6);
+  CHECK(inbox->got[4] == sl::notice{5, sl::notice_kind::begin, 3});
+  CHECK(inbox->got[5] == sl::notice{5, sl::notice_kind::commit, 3});
+  CHECK_FALSE(inbox->left.has_value());
+  CHECK_FALSE(sender->ended.has_value());
+}
+
+TEST_CASE("notice seal: a tampered, bare, replayed, reordered or foreign-keyed notice is authentication_failed and never delivered") {
+  asio::io_context io;
+  sealed_receiver r(io);
+  const auto begin = sd::encode_notice(sl::notice_kind::begin, 8);
+  const auto commit = sd::encode_notice(sl::notice_kind::commit, 8);
+  std::size_t delivered = 0;
+  SUBCASE("one bit of the frame flipped") {
+    auto bytes = sealed(commit, 7, sd::seal_direction::notice, 0);
+    bytes[4] = static_cast<char>(bytes[4] ^ 0x01);  // version 8 -> 9
+    asio::write(r.raw, asio::buffer(bytes));
+  }
+  SUBCASE("one bit of the tag flipped") {
+    auto bytes = sealed(commit, 7, sd::seal_direction::notice, 0);
+    bytes[sd::notice_bytes + 15] = static_cast<char>(bytes[sd::notice_bytes + 15] ^ 0x80);
+    asio::write(r.raw, asio::buffer(bytes));
+  }
+  SUBCASE("bare frames, as an unkeyed peer sends them") {
+    for (int i = 0; i < 3; ++i) asio::write(r.raw, asio::buffer(commit));
+  }
+  SUBCASE("sealed under another session key") {
+    asio::write(r.raw, asio::buffer(sealed(commit, 8, sd::seal_direction::notice, 0)));
+  }
+  SUBCASE("an ack's seal (the other direction)") {
+    asio::write(r.raw, asio::buffer(sealed(commit, 7, sd::seal_direction::ack, 0)));
+  }
+  SUBCASE("the second frame before the first") {
+    asio::write(r.raw, asio::buffer(sealed(commit, 7, sd::seal_direction::notice, 1)));
+  }
+  SUBCASE("a good frame, then the same sealed bytes again") {
+    const auto bytes = sealed(begin, 7, sd::seal_direction::notice, 0);
+    asio::write(r.raw, asio::buffer(bytes));
+    CHECK(r.read(sd::notice_bytes + sd::seal_tag_bytes) == sealed(begin, 7, sd::seal_direction::ack, 0));
+    asio::write(r.raw, asio::buffer(bytes));
+    delivered = 1;
+  }
+  REQUIRE(drive(io, [&] { return r.inbox->left.has_value(); }));
+  CHECK(*r.inbox->left == sl::errc::authentication_failed);
+  CHECK(r.inbox->left->message() == authentication_failed);
+  REQUIRE(r.inbox->got.size() == delivered);
+  if (delivered) CHECK(r.inbox->got[0] == sl::notice{3, sl::notice_kind::begin, 8});
+}
+
+TEST_CASE("notice seal: a forged, replayed or reflected ack fails the sender with authentication_failed") {
+  asio::io_context io;
+  sealed_sender s(io);
+  const auto commit = sd::encode_notice(sl::notice_kind::commit, 2);
+  s.l->link.send(commit, 1);
+  const auto sent = s.read(sd::notice_bytes + sd::seal_tag_bytes);
+  std::vector<std::uint64_t> acked;
+  SUBCASE("the echo with a zeroed tag") {
+    asio::write(s.raw, asio::buffer(std::string(reinterpret_cast<const char*>(commit.data()), commit.size()) +
+                                    std::string(sd::seal_tag_bytes, '\0')));
+  }
+  SUBCASE("the notice's own sealed bytes echoed") { asio::write(s.raw, asio::buffer(sent)); }
+  SUBCASE("sealed under another session key") {
+    asio::write(s.raw, asio::buffer(sealed(commit, 8, sd::seal_direction::ack, 0)));
+  }
+  SUBCASE("one bit of the ack's tag flipped") {
+    auto bytes = sealed(commit, 7, sd::seal_direction::ack, 0);
+    bytes[sd::notice_bytes] = static_cast<char>(bytes[sd::notice_bytes] ^ 0x04);
+    asio::write(s.raw, asio::buffer(bytes));
+  }
+  SUBCASE("a good ack replayed for the same notice sent again") {
+    const auto ack = sealed(commit, 7, sd::seal_direction::ack, 0);
+    asio::write(s.raw, asio::buffer(ack));
+    REQUIRE(drive(io, [&] { return s.l->acked.size() == 1; }));
+    s.l->link.send(commit, 2);
+    CHECK(s.read(sd::notice_bytes + sd::seal_tag_bytes) == sealed(commit, 7, sd::seal_direction::notice, 1));
+    asio::write(s.raw, asio::buffer(ack));
+    acked = {1};
+  }
+  REQUIRE(drive(io, [&] { return s.l->ended.has_value(); }));
+  CHECK(*s.l->ended == sl::errc::authentication_failed);
+  CHECK(s.l->ended->message() == authentication_failed);
+  CHECK(s.l->acked == acked);
+  CHECK_FALSE(s.l->link.is_open());
+}
+
+TEST_CASE("notice seal: unkeyed, frames go bare as with no_seal") {
+  asio::io_context io;
+  socket_type a(io), raw(io);
+  asio::local::connect_pair(a, raw);
+  auto l = std::make_shared<sealed_link_listener>(std::move(a));
+  l->link.watch(l);
+  const auto begin = sd::encode_notice(sl::notice_kind::begin, 1);
+  l->link.send(begin, 4);
+  sd::notice_frame got{};
+  asio::read(raw, asio::buffer(got));
+  CHECK(got == begin);
+  asio::write(raw, asio::buffer(begin));
+  REQUIRE(drive(io, [&] { return l->acked.size() == 1; }));
+  CHECK(l->acked == std::vector<std::uint64_t>{4});
+  CHECK_FALSE(l->ended.has_value());
+}
+
+// Keyed handshake hooks that keep the session key they are handed.
+using kept_key = std::shared_ptr<std::optional<sd::session_key>>;
+struct keeping_hooks {
+  kept_key kept;
+  sd::judgement judge(const sl::sender_identity&) const { return {}; }
+  void authenticated(sd::session_key k) const { kept->emplace(std::move(k)); }
+  template <class Socket, class Handler>
+  void operator()(Socket& s, const sl::sender_identity&, Handler&& h) const {
+    static const char ok[2] = {'o', 'k'};
+    asio::async_write(s, asio::buffer(ok), std::forward<Handler>(h));
+  }
+};
+struct keeping_exchange : read_ok {
+  kept_key kept;
+  void authenticated(sd::session_key k) const { kept->emplace(std::move(k)); }
+};
+
+bool same_key(const sd::session_key& a, const sd::session_key& b) {
+  return sodium_memcmp(a.secret().data(), b.secret().data(), sd::session_key::size) == 0;
+}
+
+TEST_CASE("notice seal: both ends of a keyed handshake are handed the same session key, another on each connection") {
+  using tcp = asio::ip::tcp;
+  asio::io_context io;
+  tcp::acceptor acceptor(io, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
+  std::vector<std::pair<kept_key, kept_key>> keys;
+  for (int i = 0; i < 2; ++i) {
+    kept_key r = std::make_shared<std::optional<sd::session_key>>(), s = std::make_shared<std::optional<sd::session_key>>();
+    std::optional<std::error_code> accepted, connected;
+    sd::async_handshake_as_receiver(acceptor, std::make_shared<tcp::socket>(io), magic, 2s,
+                                    std::optional<sl::shared_key>(test_key()), keeping_hooks{r},
+                                    [&](std::error_code ec, sl::sender_identity) { accepted = ec; });
+    keeping_exchange x;
+    x.kept = s;
+    sd::async_handshake_as_sender(std::make_shared<tcp::socket>(io), acceptor.local_endpoint(), magic, {1, 0}, 2s,
+                                  std::optional<sl::shared_key>(test_key()), x,
+                                  [&](std::error_code ec) { connected = ec; });
+    REQUIRE(drive(io, [&] { return accepted && connected; }));
+    CHECK(*accepted == std::error_code{});
+    CHECK(*connected == std::error_code{});
+    REQUIRE(r->has_value());
+    REQUIRE(s->has_value());
+    CHECK(same_key(**r, **s));
+    keys.emplace_back(r, s);
+  }
+  CHECK_FALSE(same_key(**keys[0].first, **keys[1].first));
+
+  // Keyless, nobody is handed a key.
+  kept_key r = std::make_shared<std::optional<sd::session_key>>(), s = std::make_shared<std::optional<sd::session_key>>();
+  std::optional<std::error_code> accepted, connected;
+  sd::async_handshake_as_receiver(acceptor, std::make_shared<tcp::socket>(io), magic, 2s,
+                                  std::optional<sl::shared_key>(), keeping_hooks{r},
+                                  [&](std::error_code ec, sl::sender_identity) { accepted = ec; });
+  keeping_exchange x;
+  x.kept = s;
+  sd::async_handshake_as_sender(std::make_shared<tcp::socket>(io), acceptor.local_endpoint(), magic, {1, 0}, 2s,
+                                std::optional<sl::shared_key>(), x, [&](std::error_code ec) { connected = ec; });
+  REQUIRE(drive(io, [&] { return accepted && connected; }));
+  CHECK(*accepted == std::error_code{});
+  CHECK(*connected == std::error_code{});
+  CHECK_FALSE(r->has_value());
+  CHECK_FALSE(s->has_value());
 }
 
 }  // namespace

@@ -613,6 +613,77 @@ TEST_CASE("weights_receiver: a notice from a sender of the plan outside the quor
   CHECK(next.version == 1);
 }
 
+TEST_CASE("weights_receiver: a commit or abort of a version its sender did not begin is refused naming the sender, "
+          "never counted; the senders then update") {
+  plan_fixture f(split_plan());
+  auto c0 = f.connect(0), c1 = f.connect(1);
+  commit_result refused;
+  wait_commit(f.weights, refused);
+  // Sender 0 does its whole part of version 1; sender 1's notice alone would complete the quorum.
+  f.send_version(c0, 0, 1);
+  std::string says;
+  SUBCASE("a commit never begun") {
+    f.notify(c1, sl::notice_kind::commit, 1);
+    says = "sender 1 committed version 1 without beginning it";
+  }
+  SUBCASE("a commit of another version than the one begun") {
+    f.notify(c1, sl::notice_kind::begin, 1);
+    f.notify(c1, sl::notice_kind::commit, 2);
+    says = "sender 1 committed version 2 while in version 1";
+  }
+  SUBCASE("an abort never begun") {
+    f.notify(c1, sl::notice_kind::abort, 1);
+    says = "sender 1 aborted version 1 without beginning it";
+  }
+  REQUIRE(drive(f.io, [&] { return refused.done(); }));
+  check_code(refused, sl::errc::protocol_error);
+  check_text(f.weights.last_refusal(), says, {});
+  // Never announced, nothing abandoned: the memory is still on its way to version 1.
+  CHECK(!f.weights.committed_version().has_value());
+  CHECK(f.weights.state().dirty);
+  CHECK(f.weights.state().target == 1);
+  CHECK(f.weights.state().reason == "receiving version 1");
+
+  // Sender 1 now does its part in sequence: version 1 commits, every byte of it here.
+  commit_result r;
+  wait_commit(f.weights, r);
+  f.send_version(c1, 1, 1);
+  REQUIRE(drive(f.io, [&] { return r.done(); }));
+  CHECK(!*r.ec);
+  CHECK(r.version == 1);
+  CHECK(!f.weights.state().dirty);
+  CHECK(holds(f.weights.parameter(qkv_proj), qkv_proj, 1));
+  CHECK(holds(f.weights.parameter(o_proj), o_proj, 1));
+}
+
+TEST_CASE("weights_receiver: a commit after a refused stale begin is a stale notice, not a violation") {
+  plan_fixture f(split_plan());
+  auto c0 = f.connect(0), c1 = f.connect(1);
+  commit_result first;
+  wait_commit(f.weights, first);
+  f.send_version(c0, 0, 4);
+  f.send_version(c1, 1, 4);
+  REQUIRE(drive(f.io, [&] { return first.done(); }));
+  REQUIRE(!*first.ec);
+  commit_result stale;
+  wait_commit(f.weights, stale);
+  f.notify(c1, sl::notice_kind::begin, 3);
+  REQUIRE(drive(f.io, [&] { return stale.done(); }));
+  check_code(stale, sl::errc::stale_version);
+  commit_result next;
+  wait_commit(f.weights, next);
+  f.notify(c1, sl::notice_kind::commit, 3);  // follows its own begin: announces nothing, refuses nothing
+  settle(f.io);
+  CHECK(!next.done());
+  f.send_version(c0, 0, 5);
+  f.send_version(c1, 1, 5);
+  REQUIRE(drive(f.io, [&] { return next.done(); }));
+  CHECK(!*next.ec);
+  CHECK(next.version == 5);
+  CHECK(holds(f.weights.parameter(qkv_proj), qkv_proj, 5));
+  CHECK(holds(f.weights.parameter(o_proj), o_proj, 5));
+}
+
 // Adopt mode ----------------------------------------------------------------------------------
 
 TEST_CASE("weights_receiver: adopts the engine's tensors, and the senders write into them") {

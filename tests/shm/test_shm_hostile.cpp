@@ -512,6 +512,53 @@ TEST_CASE("shm hostile: 1,000 connect-and-close, silent, garbage, truncated, ove
   CHECK(before[0].n == sl::notice{1, sl::notice_kind::abort, 0});
 }
 
+TEST_CASE("shm hostile: silent peers hold only their own handshakes; the legitimate sender behind them updates") {
+  const auto path = socket_path("silent-first");
+  asio::io_context io;
+  sl::shm_options o;
+  // An hour: were the listener held by a silent peer, the sender's own deadline (10 s) and the
+  // test's hang guard would fail this long before.
+  o.connect_timeout = std::chrono::hours(1);
+  served_receiver s(io, path, o);
+  accept_loop accepts(s.r);
+  // Connected first, so accepted first (the backlog is first in, first out).
+  std::vector<int> silent;
+  for (int i = 0; i < 3; ++i) silent.push_back(raw_client(path));
+  for (const int fd : silent) REQUIRE(fd >= 0);
+  CHECK(legitimate_update(io, s.r, s.w, path, 0, 1, 21).empty());
+  REQUIRE(accepts.results.size() == 1);  // the sender's; the silent peers' handshakes still run
+  CHECK(accepts.results[0] == std::pair{std::error_code{}, 0u});
+  for (const int fd : silent) ::close(fd);
+  REQUIRE(run_until(io, [&] { return accepts.results.size() == 4; }));
+  CHECK(accepts.count(sl::errc::peer_disconnected) == 3);
+}
+
+TEST_CASE("shm hostile: past max_pending_handshakes new peers wait in the backlog, and are served once one ends") {
+  const auto path = socket_path("pending-limit");
+  asio::io_context io;
+  sl::shm_options o;
+  o.connect_timeout = std::chrono::hours(1);
+  o.max_pending_handshakes = 2;
+  served_receiver s(io, path, o);
+  accept_loop accepts(s.r);
+  const int first = raw_client(path), second = raw_client(path);
+  REQUIRE(first >= 0);
+  REQUIRE(second >= 0);
+  // A third peer is not accepted while both handshakes run: its hello is never answered.
+  sl::shm_transport t(io.get_executor());
+  outcome<std::error_code, connection> connected;
+  t.async_connect(path, {0, 0}, connected.handler());
+  for (int i = 0; i < 50; ++i) io.poll();
+  CHECK_FALSE(connected.ready());
+  ::close(first);  // one handshake ends: room for the sender
+  REQUIRE(run_until(io, [&] { return connected.ready(); }));
+  REQUIRE_MESSAGE(connected.code() == std::error_code{}, t.last_connect_failure());
+  REQUIRE(run_until(io, [&] { return accepts.results.size() == 2; }));
+  CHECK(accepts.results[0].first == sl::errc::peer_disconnected);
+  CHECK(accepts.results[1] == std::pair{std::error_code{}, 0u});
+  ::close(second);
+}
+
 // ---- never delete another live receiver's socket -------------------------------------------
 
 TEST_CASE("shm hostile: a receiver on a live receiver's path fails naming it; the live one keeps working") {
@@ -774,10 +821,111 @@ TEST_CASE("shm hostile: through weights_receiver, a begin at or below the commit
   sl::testing::check_text(weights.last_refusal(), "not after the committed version 5",
                           {"sender 0 began version 3"});
 
-  notify(sl::notice_kind::commit, 4);  // never begun, and older: announces nothing
-  notify(sl::notice_kind::commit, 5);  // already committed: announces nothing again
+  notify(sl::notice_kind::commit, 3);  // its refused begin's commit: a stale notice, announces nothing
   update(6, 12);
   CHECK(wait_commit() == std::tuple{std::error_code{}, 6u});
   CHECK(holds_pattern(weights.parameter("w"), 12));
   CHECK(weights.committed_version() == 6u);
+}
+
+namespace {
+/// A raw peer admitted as `sender`: its hello sent, the verdict, the arenas' header (their
+/// descriptors closed) and the region table read; then it sends notices by hand.
+struct raw_sender {
+  raw_sender(asio::io_context& io, const std::string& path, accept_loop& accepts, std::uint32_t sender)
+      : fd(raw_client(path)) {
+    REQUIRE(fd >= 0);
+    const std::size_t before = accepts.results.size();
+    REQUIRE(raw_send(fd, sl::detail::encode_hello("SLSH", {sender, 0})));
+    REQUIRE(run_until(io, [&] { return accepts.results.size() == before + 1; }));
+    REQUIRE(accepts.results.back() == std::pair{std::error_code{}, sender});
+    std::array<std::byte, sl::detail::verdict_bytes> verdict{};
+    REQUIRE(::recv(fd, verdict.data(), verdict.size(), MSG_WAITALL) == 4);
+    std::array<std::byte, sl::detail::shm_header_bytes> header{};
+    std::vector<sl::detail::unique_fd> fds;
+    bool truncated = false;
+    std::error_code ec;
+    REQUIRE(sl::detail::receive_with_fds(fd, header, fds, truncated, ec) == header.size());
+    std::string payload(sl::detail::get_le<std::uint64_t>(header.data() + 8), '\0');
+    REQUIRE(::recv(fd, payload.data(), payload.size(), MSG_WAITALL) == static_cast<ssize_t>(payload.size()));
+  }
+  ~raw_sender() { ::close(fd); }
+  /// Sends one notice and reads its acknowledgement (the receiver holds it), driving `io`.
+  void notify(asio::io_context& io, sl::notice_kind kind, std::uint32_t version) {
+    const auto frame = sl::detail::encode_notice(kind, version);
+    REQUIRE(raw_send(fd, frame));
+    sl::detail::notice_frame ack{};
+    std::size_t got = 0;
+    REQUIRE(run_until(io, [&] {
+      const ssize_t n = ::recv(fd, ack.data() + got, ack.size() - got, MSG_DONTWAIT);
+      if (n > 0) got += static_cast<std::size_t>(n);
+      return got == ack.size();
+    }));
+    CHECK(ack == frame);
+  }
+  int fd;
+};
+}  // namespace
+
+TEST_CASE("shm hostile: through weights_receiver, a commit or abort of a version never begun is refused naming the "
+          "sender, never announced; the legitimate sender then updates") {
+  const auto path = socket_path("unbegun");
+  asio::io_context io;
+  sl::shm_transport::receiver endpoint(io.get_executor(), path);
+  sl::weights_receiver<sl::shm_transport::receiver> weights(endpoint, {{"w", sl::dtype::bf16, {4096}}});
+  accept_loop accepts(endpoint);
+  auto wait_commit = [&] {
+    outcome<std::error_code, std::uint32_t> got;
+    weights.async_wait_commit(got.handler());
+    REQUIRE(run_until(io, [&] { return got.ready(); }));
+    return got.get();
+  };
+  bool abandons = false;  // the raw peer leaves in the middle of a version it began
+  {
+    raw_sender raw(io, path, accepts, 0);
+    std::string says;
+    std::uint32_t version = 0;
+    SUBCASE("a commit never begun") {
+      raw.notify(io, sl::notice_kind::commit, version = 1);
+      says = "sender 0 committed version 1 without beginning it";
+    }
+    SUBCASE("a commit of another version than the one begun") {
+      raw.notify(io, sl::notice_kind::begin, 1);
+      raw.notify(io, sl::notice_kind::commit, version = 2);
+      says = "sender 0 committed version 2 while in version 1";
+      abandons = true;
+    }
+    SUBCASE("an abort never begun") {
+      raw.notify(io, sl::notice_kind::abort, version = 1);
+      says = "sender 0 aborted version 1 without beginning it";
+    }
+    CHECK(wait_commit() == std::tuple{make_error_code(sl::errc::protocol_error), version});
+    sl::testing::check_text(weights.last_refusal(), says, {});
+    CHECK_FALSE(weights.committed_version().has_value());
+  }  // the raw peer hangs up
+
+  sl::shm_transport t(io.get_executor());
+  std::optional<connection> conn;
+  REQUIRE(run_until(io, [&] {
+    // Its id is free once the receiver read its end.
+    auto [ec, c] = connect_once(io, t, path);
+    if (c) conn = std::move(c);
+    return conn.has_value();
+  }));
+  const auto* w = conn->remote_regions().find("w");
+  REQUIRE(w);
+  const auto source = patterned(w->length, 23);
+  const sl::write_request write{source, 0, w->address, w->key};
+  std::vector<std::error_code> codes;
+  conn->async_notify(sl::notice_kind::begin, 1, [&](std::error_code e) { codes.push_back(e); });
+  conn->async_write(std::span(&write, 1), [&](std::error_code e) { codes.push_back(e); });
+  conn->async_notify(sl::notice_kind::commit, 1, [&](std::error_code e) { codes.push_back(e); });
+  if (abandons) {
+    CHECK(wait_commit() == std::tuple{make_error_code(sl::errc::version_abandoned), 1u});
+    sl::testing::check_text(weights.state().reason, "sender 0 disconnected while writing version 1", {});
+  }
+  CHECK(wait_commit() == std::tuple{std::error_code{}, 1u});
+  REQUIRE(run_until(io, [&] { return codes.size() == 3; }));
+  CHECK(codes == std::vector<std::error_code>(3));
+  CHECK(holds_pattern(weights.parameter("w"), 23));
 }

@@ -22,6 +22,7 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cstring>
@@ -384,6 +385,71 @@ TEST_CASE("verbs control: clients that send garbage or nothing get no region tab
   CHECK(same(staging, arena));
 }
 
+TEST_CASE("verbs control: silent clients hold only their own handshakes; a sender connecting behind them is served") {
+  if (!have_device()) return;
+  asio::io_context io;
+  sv::options o;
+  // An hour: were the listener held by a silent client, run_until's guard would fail this.
+  o.connect_timeout = std::chrono::hours(1);
+  sv::verbs_transport t(io.get_executor(), keyed(o));
+  sv::verbs_transport::receiver r(t, listen_endpoint());
+  auto arena = r.allocate(4096);
+  r.expose("w", arena);
+  // Connected first, so accepted first (the listen backlog is first in, first out).
+  std::vector<std::unique_ptr<raw_client>> silent;
+  for (int i = 0; i < 3; ++i) silent.push_back(std::make_unique<raw_client>(io, r.local_endpoint(), ""));
+  std::vector<std::byte> staging(4096);
+  fill(staging, 17);
+  auto reg = t.register_memory(staging);
+  auto legit = connect(io, t, r, {0, 0});
+  REQUIRE_FALSE(legit.accept_ec);
+  REQUIRE_FALSE(legit.connect_ec);
+  CHECK(legit.sender == 0);
+  notice_log log;
+  log.wait(r);
+  CHECK(write_and_notify(io, *legit.conn, sl::make_write(reg.region(), staging, legit.conn->remote_regions().regions()[0]),
+                         sl::notice_kind::commit, 1));
+  REQUIRE(run_until(io, [&] { return log.got.size() == 1; }));
+  CHECK(log.got[0].second == sl::notice{0, sl::notice_kind::commit, 1});
+  CHECK(same(staging, arena));
+  for (const auto& c : silent) CHECK_FALSE(c->end.has_value());  // their handshakes still run
+  r.close();  // drops them: end of file, nothing sent
+  REQUIRE(run_until(io, [&] { return std::all_of(silent.begin(), silent.end(), [](auto& c) { return c->end.has_value(); }); }));
+  for (const auto& c : silent) CHECK(c->got.empty());
+}
+
+TEST_CASE("verbs control: a sender asking for more queue pairs than options::max_queue_pairs is refused; the receiver "
+          "serves on") {
+  if (!have_device()) return;
+  asio::io_context io;
+  sv::options ro;
+  ro.max_queue_pairs = 2;
+  sv::verbs_transport rt(io.get_executor(), keyed(ro));
+  sv::verbs_transport::receiver r(rt, listen_endpoint());
+  auto arena = r.allocate(4096);
+  r.expose("w", arena);
+  sv::options so;
+  so.queue_pairs = 4;
+  sv::verbs_transport greedy(io.get_executor(), keyed(so));
+  auto refused = connect(io, greedy, r, {0, 0});
+  CHECK(refused.accept_ec == sl::errc::protocol_error);
+  CHECK(refused.connect_ec);
+  CHECK_FALSE(refused.conn.has_value());
+  // A sender within the limit is served.
+  std::vector<std::byte> staging(4096);
+  fill(staging, 19);
+  auto reg = rt.register_memory(staging);
+  auto legit = connect(io, rt, r, {0, 0});
+  REQUIRE_FALSE(legit.accept_ec);
+  REQUIRE_FALSE(legit.connect_ec);
+  notice_log log;
+  log.wait(r);
+  CHECK(write_and_notify(io, *legit.conn, sl::make_write(reg.region(), staging, legit.conn->remote_regions().regions()[0]),
+                         sl::notice_kind::commit, 1));
+  REQUIRE(run_until(io, [&] { return log.got.size() == 1; }));
+  CHECK(same(staging, arena));
+}
+
 namespace {
 // An admitted sender done by hand (hello, verdict, a made-up QP, the table), which then
 // sends a malformed notice frame.
@@ -408,9 +474,20 @@ asio::awaitable<void> garbage_notice(asio::ip::tcp::endpoint ep, ibv_gid gid, st
   co_await asio::async_read(s, asio::buffer(reply), asio::use_awaitable);
   table->resize(sd::get_le<std::uint64_t>(reply.data() + sv::detail::wire_fixed + 8));
   co_await asio::async_read(s, asio::buffer(*table), asio::use_awaitable);
+  // The window keys follow the table (none when the receiver hands out no windows).
+  std::string keys(sv::detail::keys_fixed, '\0');
+  co_await asio::async_read(s, asio::buffer(keys), asio::use_awaitable);
+  std::size_t rows = 0;
+  if (!sv::detail::decode_keys_fixed(keys, 1, rows)) throw std::runtime_error("no window keys after the table");
+  std::string key_rows(4 * rows * 2, '\0');
+  if (!key_rows.empty()) co_await asio::async_read(s, asio::buffer(key_rows), asio::use_awaitable);
   sd::notice_frame bad{};
   bad[0] = std::byte{9};  // no such kind
-  co_await asio::async_write(s, asio::buffer(bad), asio::use_awaitable);
+  // Sealed as a keyed sender seals its first notice: the seal holds, the frame does not parse.
+  const auto tag = sd::notice_seal::tag(proof->derive_session_key(sv::detail::hello_magic),
+                                        sd::seal_direction::notice, 0, bad);
+  co_await asio::async_write(s, std::array{asio::const_buffer(bad.data(), bad.size()), asio::const_buffer(tag.data(), sd::seal_tag_bytes)},
+                             asio::use_awaitable);
   char c = 0;
   auto [ec, n] = co_await s.async_read_some(asio::buffer(&c, 1), asio::experimental::as_tuple(asio::use_awaitable));
   (void)n;
@@ -535,9 +612,17 @@ TEST_CASE("verbs control: memory the receiver owns is adopted: registered on its
     CHECK(link.run(IBV_WR_RDMA_READ, sink_mr.region(), adopted->address, adopted->key) == IBV_WC_REM_ACCESS_ERR);
   }
   {
+    // With memory windows the table's key is a registration number that no QP takes (the
+    // sender's own QPs carry its windows' rkeys: tests/verbs/test_rkeys.cpp); without, it is
+    // the region's rkey, and any QP of the device may write with it.
     raw_link link(dev);
-    CHECK(link.run(IBV_WR_RDMA_WRITE, readable_mr.region(), adopted->address, adopted->key) == IBV_WC_SUCCESS);
-    CHECK(same(readable, std::span(owned).first(readable.size())));
+    const auto wrote = link.run(IBV_WR_RDMA_WRITE, readable_mr.region(), adopted->address, adopted->key);
+    if (r.memory_windows()) {
+      CHECK(wrote == IBV_WC_REM_ACCESS_ERR);
+    } else {
+      CHECK(wrote == IBV_WC_SUCCESS);
+      CHECK(same(readable, std::span(owned).first(readable.size())));
+    }
   }
 }
 
@@ -759,5 +844,185 @@ TEST_CASE("verbs control: a sender with another key, or none, is refused and see
   CHECK(write_and_notify(io, *legit.conn, sl::make_write(reg.region(), staging, legit.conn->remote_regions().regions()[0]),
                          sl::notice_kind::commit, 1));
   REQUIRE(run_until(io, [&] { return log.got.size() == 1; }));
+  CHECK(same(staging, arena));
+}
+
+TEST_CASE("verbs control: a client that skips the proof and sends its QPs at once gets nothing: no verdict, QP, region table or window rkey") {
+  if (!have_device()) return;
+  asio::io_context io;
+  sv::verbs_transport t(io.get_executor(), keyed());
+  sv::verbs_transport::receiver r(t, listen_endpoint());
+  auto arena = r.allocate(4096);
+  r.expose("secret.weights", arena);
+  const auto hello = sd::encode_hello(sv::detail::hello_magic, {0, 0});
+  // A hello, a proof of the right length made of nothing, then the QP exchange as an admitted
+  // sender would send it, all in one go.
+  std::string bytes(reinterpret_cast<const char*>(hello.data()), hello.size());
+  bytes += std::string(sd::psk_proof_bytes, '\x22');
+  bytes += sv::detail::encode_endpoints(t.get_device().gid(), {sv::qp_endpoint{0x123, 0}, sv::qp_endpoint{0x124, 0}});
+  std::optional<std::error_code> accepted;
+  r.async_accept([&](std::error_code ec, std::uint32_t) { accepted = ec; });
+  raw_client c(io, r.local_endpoint(), bytes);
+  REQUIRE(run_until(io, [&] { return accepted && c.end; }));
+  CHECK(*accepted == sl::errc::authentication_failed);
+  // The challenge and a failed status without a MAC, then the end: nothing of the exchange.
+  CHECK(c.got.size() == sd::psk_challenge_bytes + sd::psk_answer_bytes);
+  const std::string after = c.got.substr(sd::psk_challenge_bytes);
+  CHECK(after.substr(4) == std::string(sd::psk_mac_bytes, '\0'));
+  for (const char* never : {"SLVQ", "SLRV", "SLVK", "secret.weights"}) {
+    CAPTURE(never);
+    CHECK(c.got.find(never) == std::string::npos);
+  }
+  // The receiver serves on.
+  std::vector<std::byte> staging(4096);
+  fill(staging, 24);
+  auto reg = t.register_memory(staging);
+  auto legit = connect(io, t, r, {0, 0});
+  REQUIRE_FALSE(legit.accept_ec);
+  REQUIRE_FALSE(legit.connect_ec);
+  const auto w = sl::make_write(reg.region(), staging, legit.conn->remote_regions().regions()[0]);
+  std::optional<std::error_code> wrote;
+  legit.conn->async_write(std::span(&w, 1), [&](std::error_code ec) { wrote = ec; });
+  REQUIRE(run_until(io, [&] { return wrote.has_value(); }));
+  CHECK_FALSE(*wrote);
+  CHECK(same(staging, arena));
+}
+
+namespace {
+// What an on-path attacker puts on an admitted, keyed sender's control connection.
+enum class forgery { bare_commit, foreign_seal, flipped_tag, replayed_begin };
+
+// A keyed sender by hand, as the real one would do it (hello, proof, verdict, a made-up QP,
+// the table), which then injects `what` instead of a sealed notice; `acked` gets the
+// receiver's ack of a good notice when there is one (checked against its seal).
+asio::awaitable<void> forging_sender(asio::ip::tcp::endpoint ep, ibv_gid gid, forgery what, bool* acked,
+                                     std::error_code* end, bool* done) {
+  asio::ip::tcp::socket s(co_await asio::this_coro::executor);
+  co_await s.async_connect(ep, asio::use_awaitable);
+  const auto hello = sd::encode_hello(sv::detail::hello_magic, {7, 0});
+  co_await asio::async_write(s, asio::buffer(hello), asio::use_awaitable);
+  auto proof = std::make_unique<sd::psk_session>(test_key());
+  co_await asio::async_read(s, asio::buffer(proof->challenge), asio::use_awaitable);
+  proof->make_proof(sv::detail::hello_magic, hello);
+  co_await asio::async_write(s, asio::buffer(proof->proof), asio::use_awaitable);
+  co_await asio::async_read(s, asio::buffer(proof->answer), asio::use_awaitable);
+  if (proof->check_answer(sv::detail::hello_magic, hello)) throw std::runtime_error("the receiver did not prove the key");
+  const auto session = proof->derive_session_key(sv::detail::hello_magic);
+  std::array<std::byte, sd::verdict_bytes> verdict{};
+  co_await asio::async_read(s, asio::buffer(verdict), asio::use_awaitable);
+  if (sd::decode_verdict(verdict)) throw std::runtime_error("refused");
+  const std::string qps = sv::detail::encode_endpoints(gid, {sv::qp_endpoint{0x123, 0}});
+  co_await asio::async_write(s, asio::buffer(qps), asio::use_awaitable);
+  std::string reply(sv::detail::wire_fixed + 8 + 8, '\0');
+  co_await asio::async_read(s, asio::buffer(reply), asio::use_awaitable);
+  std::string table(sd::get_le<std::uint64_t>(reply.data() + sv::detail::wire_fixed + 8), '\0');
+  co_await asio::async_read(s, asio::buffer(table), asio::use_awaitable);
+  std::string keys(sv::detail::keys_fixed, '\0');
+  co_await asio::async_read(s, asio::buffer(keys), asio::use_awaitable);
+  std::size_t rows = 0;
+  if (!sv::detail::decode_keys_fixed(keys, 1, rows)) throw std::runtime_error("no window keys after the table");
+  std::string key_rows(4 * rows * 2, '\0');
+  if (!key_rows.empty()) co_await asio::async_read(s, asio::buffer(key_rows), asio::use_awaitable);
+
+  const auto sealed = [](const sd::session_key& k, sd::seal_direction way, std::uint64_t seq, const sd::notice_frame& f) {
+    const auto mac = sd::notice_seal::tag(k, way, seq, f);
+    std::string b(reinterpret_cast<const char*>(f.data()), f.size());
+    b.append(reinterpret_cast<const char*>(mac.data()), sd::seal_tag_bytes);
+    return b;
+  };
+  const auto commit = sd::encode_notice(sl::notice_kind::commit, 1);
+  std::string out;
+  switch (what) {
+    case forgery::bare_commit:  // as the unsealed protocol sent it: three fill one sealed frame
+      for (int i = 0; i < 3; ++i) out.append(reinterpret_cast<const char*>(commit.data()), commit.size());
+      break;
+    case forgery::foreign_seal: {
+      std::array<unsigned char, sd::session_key::size> guess{};
+      guess.fill(0x5a);
+      out = sealed(sd::session_key(guess), sd::seal_direction::notice, 0, commit);
+      break;
+    }
+    case forgery::flipped_tag:
+      out = sealed(session, sd::seal_direction::notice, 0, commit);
+      out[sd::notice_bytes + 3] = static_cast<char>(out[sd::notice_bytes + 3] ^ 0x10);
+      break;
+    case forgery::replayed_begin: {
+      const auto begin = sd::encode_notice(sl::notice_kind::begin, 1);
+      const std::string good = sealed(session, sd::seal_direction::notice, 0, begin);
+      co_await asio::async_write(s, asio::buffer(good), asio::use_awaitable);
+      std::string ack(sd::notice_bytes + sd::seal_tag_bytes, '\0');
+      co_await asio::async_read(s, asio::buffer(ack), asio::use_awaitable);
+      *acked = ack == sealed(session, sd::seal_direction::ack, 0, begin);
+      out = good;
+      break;
+    }
+  }
+  co_await asio::async_write(s, asio::buffer(out), asio::use_awaitable);
+  char c = 0;
+  auto [ec, n] = co_await s.async_read_some(asio::buffer(&c, 1), asio::experimental::as_tuple(asio::use_awaitable));
+  (void)n;
+  *end = ec;
+  *done = true;
+}
+}  // namespace
+
+TEST_CASE("verbs control: a notice that is not sealed under the session (bare, forged, tampered, replayed) is "
+          "authentication_failed and ends that connection; the real sender is served after") {
+  if (!have_device()) return;
+  asio::io_context io;
+  sv::verbs_transport t(io.get_executor(), keyed());
+  sv::verbs_transport::receiver r(t, listen_endpoint());
+  auto arena = r.allocate(4096);
+  r.expose("model", arena);
+  std::optional<std::error_code> accepted;
+  r.async_accept([&](std::error_code ec, std::uint32_t sender) {
+    accepted = ec;
+    CHECK(sender == 7);
+  });
+  notice_log log;
+  log.wait(r);
+  forgery what = forgery::bare_commit;
+  SUBCASE("a bare commit") { what = forgery::bare_commit; }
+  SUBCASE("a commit sealed under a guessed session key") { what = forgery::foreign_seal; }
+  SUBCASE("a sealed commit with one bit of its tag flipped") { what = forgery::flipped_tag; }
+  SUBCASE("a good begin, then the same sealed bytes again") { what = forgery::replayed_begin; }
+  bool acked = false, done = false;
+  std::error_code end;
+  asio::co_spawn(io, forging_sender(r.local_endpoint(), t.get_device().gid(), what, &acked, &end, &done),
+                 [](std::exception_ptr e) { CHECK_FALSE(e); });
+  const std::size_t before = what == forgery::replayed_begin ? 1 : 0;
+  if (before) {
+    REQUIRE(run_until(io, [&] { return log.got.size() == 1; }));
+    CHECK_FALSE(log.got[0].first);
+    CHECK(log.got[0].second == sl::notice{7, sl::notice_kind::begin, 1});
+    log.wait(r);
+  }
+  REQUIRE(run_until(io, [&] { return done && log.got.size() == before + 1; }));
+  REQUIRE(accepted.has_value());
+  CHECK_FALSE(*accepted);
+  CHECK(acked == (what == forgery::replayed_begin));  // the good begin's ack carried the receiver's seal
+  CHECK(log.got[before].first == sl::errc::authentication_failed);
+  CHECK(log.got[before].first.message() == "authentication failed: the peers do not hold the same key");
+  CHECK(log.got[before].second == sl::notice{7, sl::notice_kind::abort, 0});
+  CHECK(end == asio::error::eof);
+
+  // The real sender 7 is served: its sealed notices pass, its bytes land.
+  std::vector<std::byte> staging(4096);
+  fill(staging, 31);
+  auto reg = t.register_memory(staging);
+  auto legit = connect(io, t, r, {7, 0});
+  REQUIRE_FALSE(legit.accept_ec);
+  REQUIRE_FALSE(legit.connect_ec);
+  log.wait(r);
+  CHECK(write_and_notify(io, *legit.conn, sl::make_write(reg.region(), staging, legit.conn->remote_regions().regions()[0]),
+                         sl::notice_kind::begin, 2));
+  CHECK(write_and_notify(io, *legit.conn, sl::make_write(reg.region(), staging, legit.conn->remote_regions().regions()[0]),
+                         sl::notice_kind::commit, 2));
+  REQUIRE(run_until(io, [&] { return log.got.size() == before + 2; }));
+  CHECK(log.got[before + 1].second == sl::notice{7, sl::notice_kind::begin, 2});
+  log.wait(r);
+  REQUIRE(run_until(io, [&] { return log.got.size() == before + 3; }));
+  CHECK_FALSE(log.got[before + 2].first);
+  CHECK(log.got[before + 2].second == sl::notice{7, sl::notice_kind::commit, 2});
   CHECK(same(staging, arena));
 }

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <shardline/cuda/async_wait.hpp>
+#include <shardline/cuda/detail/copy_runs.hpp>
 #include <shardline/cuda/detail/ipc_driver.hpp>
 #include <shardline/cuda/detail/ipc_wire.hpp>
 #include <shardline/cuda/device_buffer.hpp>
@@ -114,6 +115,8 @@ struct ipc_options {
   /// Notices a receiver queues before async_wait_notification takes them. Past it, senders'
   /// notices wait for their acknowledgement; 0: each waits for an async_wait_notification.
   std::size_t notice_depth = 64;
+  /// Receivers: handshakes run at once, as shm_options::max_pending_handshakes.
+  std::size_t max_pending_handshakes = shardline::detail::default_max_pending_handshakes;
 };
 
 namespace detail {
@@ -182,7 +185,9 @@ class basic_ipc_transport {
 
   struct receiver_state : std::enable_shared_from_this<receiver_state> {
     receiver_state(const Executor& ex, std::string p, ipc_options o)
-        : executor(ex), path(std::move(p)), options(o), acceptor(ex), notices(ex, o.notice_depth) {}
+        : executor(ex), path(std::move(p)), options(o), acceptor(ex), notices(ex, o.notice_depth),
+          handshakes(std::make_shared<shardline::detail::handshake_listener<Executor, socket_type>>(
+              ex, o.max_pending_handshakes)) {}
     Executor executor;
     std::string path;
     ipc_options options;
@@ -194,7 +199,7 @@ class basic_ipc_transport {
     admission admitted;
     notice_channel notices;
     std::unordered_map<std::uint32_t, std::shared_ptr<peer_state>> peers;
-    std::weak_ptr<accept_state> accepting;
+    std::shared_ptr<shardline::detail::handshake_listener<Executor, socket_type>> handshakes;
     bool path_bound = false, accepted = false, closed = false;
 
     void unlink_path() noexcept {
@@ -255,6 +260,8 @@ class basic_ipc_transport {
             s.sender_left(it->second, make_error_code(errc::peer_disconnected));
         }
       }
+      // Another handshake in progress may be admitting the same id.
+      if (!s.handshakes->claim(&accept->socket, who.sender)) return {make_error_code(errc::invalid_argument)};
       return {};
     }
 
@@ -282,9 +289,37 @@ class basic_ipc_transport {
     }
   };
 
+  // What shardline::detail::accept_peers asks of the transport (as the shm transport's).
+  struct accept_driver {
+    std::weak_ptr<receiver_state> receiver;
+
+    std::shared_ptr<receiver_state> lock() const { return receiver.lock(); }
+    auto& listener(receiver_state& s) const { return *s.handshakes; }
+    acceptor_type& acceptor(receiver_state& s) const { return s.acceptor; }
+    std::shared_ptr<accept_state> make_pending(receiver_state& s) const {
+      return std::make_shared<accept_state>(s.executor);
+    }
+    template <class Done>
+    void handshake(receiver_state& s, std::shared_ptr<accept_state> a, Done done) const {
+      shardline::detail::async_handshake_accepted(std::shared_ptr<socket_type>(a, &a->socket), detail::ipc_magic,
+                                                  s.options.connect_timeout, accept_hooks{receiver.lock(), a},
+                                                  std::move(done));
+    }
+    std::error_code admit(receiver_state& s, const std::shared_ptr<accept_state>& a, std::error_code ec,
+                          sender_identity who) const {
+      if (s.closed) ec = asio::error::operation_aborted;
+      if (!ec) {
+        auto p = std::make_shared<peer_state>(std::move(a->socket), who.sender);
+        s.peers[who.sender] = p;
+        s.accepted = true;
+        shardline::detail::serve_notices(std::weak_ptr<receiver_state>(s.shared_from_this()), std::move(p));
+      }
+      return detail::ipc_system_error(ec);
+    }
+  };
+
   struct accept_op {
     std::shared_ptr<receiver_state> receiver;
-    std::shared_ptr<accept_state> accept;
     std::error_code refused;
 
     template <class Self>
@@ -292,32 +327,18 @@ class basic_ipc_transport {
       auto& s = *receiver;
       if (refused) return self.complete(refused, 0u);
       if (s.closed) refused = make_error_code(errc::not_connected);
-      else if (!s.accepting.expired()) refused = make_error_code(errc::invalid_argument);
+      else if (s.handshakes->waiting()) refused = make_error_code(errc::invalid_argument);
       if (refused) return asio::post(s.executor, std::move(self));
       self.reset_cancellation_state(asio::enable_total_cancellation());
-      accept = std::make_shared<accept_state>(s.executor);
-      s.accepting = accept;
-      shardline::detail::async_handshake_as_receiver(s.acceptor, std::shared_ptr<socket_type>(accept, &accept->socket),
-                                                     detail::ipc_magic, s.options.connect_timeout,
-                                                     accept_hooks{receiver, accept}, std::move(self));
+      const accept_driver driver{receiver};  // before `self` (this op with it) moves into the wait
+      s.handshakes->take(std::move(self));
+      shardline::detail::accept_peers(driver);
     }
 
     template <class Self>
-    void operator()(Self& self, std::error_code ec, sender_identity who) {
-      auto& s = *receiver;
-      if (s.accepting.lock() == accept) {
-        s.accepting.reset();
-        std::error_code ignored;
-        s.acceptor.cancel(ignored);
-      }
-      if (s.closed) ec = asio::error::operation_aborted;
-      if (!ec) {
-        auto p = std::make_shared<peer_state>(std::move(accept->socket), who.sender);
-        s.peers[who.sender] = p;
-        s.accepted = true;
-        shardline::detail::serve_notices(std::weak_ptr<receiver_state>(receiver), std::move(p));
-      }
-      self.complete(detail::ipc_system_error(ec), who.sender);
+    void operator()(Self& self, std::error_code ec, std::uint32_t sender) {
+      if (receiver->closed && ec != errc::not_connected) ec = asio::error::operation_aborted;
+      self.complete(ec, sender);
     }
   };
 
@@ -332,12 +353,7 @@ class basic_ipc_transport {
   // ahead of it completed, and what follows it waits for its acknowledgement.
   struct queued_op : shardline::detail::erased_op<std::error_code> {
     using shardline::detail::erased_op<std::error_code>::erased_op;
-    struct piece {
-      void* destination;
-      const void* source;
-      std::size_t size;
-    };
-    std::vector<piece> pieces;
+    std::vector<detail::copy_piece> pieces;  // in batch order, each within one allocation
     std::error_code result;  // of a started write: its copies' outcome, or why it was cut off
     std::uint64_t id = 0;
     bool started = false, done = false, is_notice = false;
@@ -397,8 +413,8 @@ class basic_ipc_transport {
           const auto& a = allocations[static_cast<std::size_t>(i)];
           const std::uint64_t k = std::min<std::uint64_t>(n, a.base + a.size - address);
           const std::uint64_t local = imports[static_cast<std::size_t>(i)].base() + (address - a.base);
-          op.pieces.push_back({reinterpret_cast<void*>(static_cast<std::uintptr_t>(local)), source,
-                               static_cast<std::size_t>(k)});
+          op.pieces.push_back({static_cast<std::uintptr_t>(local), reinterpret_cast<std::uintptr_t>(source),
+                               static_cast<std::size_t>(k), static_cast<std::uint32_t>(i), w.source_key});
           address += k;
           source += k;
           n -= k;
@@ -430,8 +446,13 @@ class basic_ipc_transport {
   // holds the connection state: mappings and sources stay until the GPU is done with them.
   static void start_write(const std::shared_ptr<connection_state>& s, queued_op& op) {
     op.started = true;
-    for (const auto& p : op.pieces) {
-      const cudaError_t e = cudaMemcpyAsync(p.destination, p.source, p.size, cudaMemcpyDefault, s->copies.native_handle());
+    // A column-split parameter comes as a piece per row: runs at constant strides go as one
+    // 2-D copy each, when their source rows lie in one allocation.
+    const auto one_source = [](const detail::planned_copy& c) {
+      return detail::one_source_allocation(c.source, c.source_end() - 1);
+    };
+    for (const auto& c : detail::plan_copies(op.pieces, one_source)) {
+      const cudaError_t e = detail::enqueue_copy(c, s->copies.native_handle());
       if (e != cudaSuccess) {
         (void)cudaGetLastError();
         op.result = make_error_code(e);
@@ -644,7 +665,7 @@ public:
     /// payload (ipc_wire.hpp). Call again for each further sender.
     template <class Token>
     auto async_accept(Token&& token) {
-      return asio::async_compose<Token, void(std::error_code, std::uint32_t)>(accept_op{state_, nullptr, {}}, token,
+      return asio::async_compose<Token, void(std::error_code, std::uint32_t)>(accept_op{state_, {}}, token,
                                                                              state_->executor);
     }
 
@@ -673,7 +694,7 @@ public:
       s.closed = true;
       std::error_code ignored;
       s.acceptor.close(ignored);
-      if (auto a = s.accepting.lock()) a->socket.close(ignored);
+      s.handshakes->close();
       for (auto& [id, p] : s.peers) {
         p->gone = true;
         p->socket.close(ignored);
@@ -779,12 +800,13 @@ public:
     bool is_open() const noexcept { return state_ && state_->status == link_status::open; }
 
     /// Completion void(std::error_code), once every request landed: the copies
-    /// (cudaMemcpyAsync on this connection's stream) are done, awaited with cuda::async_wait
-    /// on the io_context. The whole batch is validated first: a request outside every exposed
-    /// region fails it with errc::region_not_exposed before any byte moves, and the
-    /// connection stays usable. Writes start at once unless a notice is ahead of them, so
-    /// several batches are in flight together; they complete in initiation order. A CUDA
-    /// error of the copies completes the write with it (cuda::error_category()).
+    /// (cudaMemcpyAsync on this connection's stream; one cudaMemcpy2DAsync for each run of
+    /// requests of equal length at constant strides, such as a column split's rows) are done,
+    /// awaited with cuda::async_wait on the io_context. The whole batch is validated first: a
+    /// request outside every exposed region fails it with errc::region_not_exposed before any
+    /// byte moves, and the connection stays usable. Writes start at once unless a notice is
+    /// ahead of them, so several batches are in flight together; they complete in initiation
+    /// order. A CUDA error of the copies completes the write with it (cuda::error_category()).
     /// Per-operation cancellation (any type): a batch waiting behind a notice completes with
     /// operation_aborted and the connection stays usable; one whose copies are enqueued
     /// finishes. The receiver gone: errc::peer_disconnected (copies enqueued still ran);

@@ -4,6 +4,8 @@
 //   verdict (receiver -> sender):        u32 status (0: admitted, else a shardline::errc)
 //   notice (sender -> receiver):         u8 kind, 3 zero bytes, u32 version
 //   ack (receiver -> sender, per notice): the notice's 8 bytes echoed
+//   (on a keyed network transport each notice and ack is followed by its 16-byte tag:
+//   transport/detail/psk_auth.hpp, notice_seal)
 // Little-endian, fixed sizes: nothing here is ever allocated from a length the peer chose.
 #pragma once
 
@@ -22,8 +24,15 @@
 namespace shardline::detail {
 
 /// The version of the control protocol; a peer speaking another is refused with
-/// errc::protocol_version_mismatch.
-inline constexpr std::uint32_t control_protocol = 2;
+/// errc::protocol_version_mismatch. 3: keyed network transports seal every notice and ack
+/// (transport/detail/psk_auth.hpp, notice_seal), so a keyed peer of 2 is refused at its hello
+/// instead of failing its first notice.
+inline constexpr std::uint32_t control_protocol = 3;
+
+/// How many handshakes a receiver runs at once by default, counting those ended whose result
+/// no async_accept took yet (each transport's options: max_pending_handshakes; see
+/// handshake_listener in handshake.hpp).
+inline constexpr std::size_t default_max_pending_handshakes = 16;
 
 inline constexpr std::size_t hello_bytes = 4 + 4 + 4 + 8;
 inline constexpr std::size_t verdict_bytes = 4;

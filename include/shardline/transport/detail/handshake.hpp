@@ -7,10 +7,17 @@
 // The proof of the key (transport/detail/psk_auth.hpp) runs when the caller passes a key:
 // network transports do; shm, whose peers the kernel vouches for (SO_PEERCRED), does not, and
 // its handshake instantiates no key code (nor needs libsodium).
-// With a key, a peer that has not proved it is neither judged nor told a verdict.
+// With a key, a peer that has not proved it is neither judged nor told a verdict. Once both
+// proofs held, the handshake hands the connection's session key (psk_session::
+// derive_session_key) to the exchange (sender) or the hooks (receiver) when they have
+// `authenticated(session_key)`: the transport seals its control link with it.
 // Frames are transport/detail/control.hpp's and psk_auth.hpp's; nothing here allocates from a
 // length the peer chose. What a later protocol adds to every transport goes into these two
 // operations.
+// A receiver does not accept and handshake one peer at a time: handshake_listener and
+// accept_peers (below) accept peers as they come and run their handshakes
+// (async_handshake_accepted) side by side, at most max_pending_handshakes at once, so a silent
+// peer holds only its own handshake, never the listener.
 #pragma once
 
 #include <shardline/error.hpp>
@@ -26,8 +33,17 @@
 #include <asio/read.hpp>
 #include <asio/write.hpp>
 
+#include <shardline/transport/detail/erased_op.hpp>
+
+#include <asio/associated_cancellation_slot.hpp>
+#include <asio/cancellation_signal.hpp>
+
+#include <algorithm>
 #include <array>
 #include <chrono>
+#include <deque>
+#include <type_traits>
+#include <vector>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -217,6 +233,8 @@ struct sender_handshake_op {
         return asio::async_read(*d->socket, asio::buffer(p.answer), std::move(self));
       case step::answer_read:
         if (auto failed = p.check_answer(d->magic, d->hello)) return finish(self, failed);
+        if constexpr (requires(Exchange& x) { x.authenticated(p.derive_session_key(d->magic)); })
+          exchange.authenticated(p.derive_session_key(d->magic));
         at = step::verdict_read;
         return asio::async_read(*d->socket, asio::buffer(d->verdict), std::move(self));
       default:
@@ -283,7 +301,7 @@ struct receiver_handshake_op {
   enum class step { start, accepted, hello_read, challenge_sent, proof_read, answer_sent, judged, verdict_sent,
                     exchanged };
 
-  Acceptor* acceptor;
+  Acceptor* acceptor;  // null: the socket is accepted already
   std::unique_ptr<handshake_state<Socket, Proof>> d;
   std::chrono::steady_clock::duration timeout;
   Hooks hooks;
@@ -296,7 +314,8 @@ struct receiver_handshake_op {
     switch (at) {
       case step::start:
         at = step::accepted;
-        return acceptor->async_accept(*d->socket, std::move(self));
+        if constexpr (std::is_void_v<Acceptor>) return (*this)(self);  // the caller accepted it already
+        else return acceptor->async_accept(*d->socket, std::move(self));
       case step::accepted:
         if (ec) return finish(self, ec);
         // The deadline starts once a peer is there: a slow one cannot hold up those behind it,
@@ -353,6 +372,8 @@ struct receiver_handshake_op {
         // A peer without the key reads a failed status, then end of file.
         if (d->refusal) return finish(self, d->refusal);
         if (ec) return finish(self, ec);
+        if constexpr (requires(Hooks& h) { h.authenticated(p.derive_session_key(d->magic)); })
+          hooks.authenticated(p.derive_session_key(d->magic));
         return judge_hello(self);
       default:
         return finish(self, make_error_code(errc::protocol_error));  // never
@@ -428,6 +449,235 @@ auto async_handshake_as_receiver(Acceptor& acceptor, std::shared_ptr<Socket> soc
       receiver_handshake_op<Acceptor, Socket, Hooks, no_key_proof>{&acceptor, std::move(d), timeout,
                                                                    std::move(hooks)},
       token, ex);
+}
+
+/// The receiver's handshake on a socket the caller accepted already (see handshake_listener):
+/// the same as async_handshake_as_receiver from the hello on, the deadline armed now.
+template <class Socket, class Key, class Hooks, class Token>
+auto async_handshake_accepted(std::shared_ptr<Socket> socket, std::string_view magic,
+                              std::chrono::steady_clock::duration timeout, const std::optional<Key>& key,
+                              Hooks hooks, Token&& token) {
+  using proof = typename Key::proof;
+  using acceptor_type = void;
+  auto ex = socket->get_executor();
+  auto d = std::make_unique<handshake_state<Socket, proof>>(std::move(socket));
+  d->magic = magic;
+  if (key) d->psk.emplace(*key);
+  return asio::async_compose<Token, void(std::error_code, sender_identity)>(
+      receiver_handshake_op<acceptor_type, Socket, Hooks, proof>{nullptr, std::move(d), timeout, std::move(hooks)},
+      token, ex);
+}
+
+/// The same without a key (shm, CUDA IPC: peers vouched for by the kernel).
+template <class Socket, class Hooks, class Token>
+auto async_handshake_accepted(std::shared_ptr<Socket> socket, std::string_view magic,
+                              std::chrono::steady_clock::duration timeout, Hooks hooks, Token&& token) {
+  using acceptor_type = void;
+  auto ex = socket->get_executor();
+  auto d = std::make_unique<handshake_state<Socket>>(std::move(socket));
+  d->magic = magic;
+  return asio::async_compose<Token, void(std::error_code, sender_identity)>(
+      receiver_handshake_op<acceptor_type, Socket, Hooks, no_key_proof>{nullptr, std::move(d), timeout,
+                                                                        std::move(hooks)},
+      token, ex);
+}
+
+/// A receiver's accepting, shared by every transport with a listening socket: peers are
+/// accepted as they come and their handshakes run side by side, so a silent or slow peer
+/// holds only its own handshake (bounded by the handshake's deadline), never the listener.
+/// Each async_accept of the transport takes the result of the next handshake to end, in the
+/// order they end. At most `limit` handshakes are running or ended and not yet taken; past it
+/// the listener accepts nothing until one is taken, and further peers wait in the kernel's
+/// backlog: a burst of legitimate senders (every rank of a trainer connecting at once) is
+/// served in turn instead of refused. Once started (the first async_accept), it accepts
+/// until close().
+///
+/// Also hands out sender ids to handshakes in progress (claim): two handshakes claiming the
+/// same id at once cannot both be admitted.
+///
+/// Used from the transport's executor only.
+template <class Executor, class Socket>
+class handshake_listener : public std::enable_shared_from_this<handshake_listener<Executor, Socket>> {
+public:
+  using waiter = erased_op<std::error_code, std::uint32_t>;
+
+  handshake_listener(const Executor& ex, std::size_t limit) : executor_(ex), limit_(limit ? limit : 1) {}
+
+  /// Whether an accept may start now.
+  bool may_accept() const noexcept {
+    return !closed_ && !accepting_ && !paused_ && running_.size() + ended_.size() < limit_;
+  }
+  bool closed() const noexcept { return closed_; }
+  /// Whether some async_accept waits for a result.
+  bool waiting() const noexcept { return !waiters_.empty(); }
+  std::size_t running() const noexcept { return running_.size(); }
+
+  void accept_started() noexcept { accepting_ = true; }
+
+  /// The accept itself failed (not a peer's fault: e.g. out of descriptors): reported to the
+  /// next async_accept; nothing more is accepted until it was.
+  void accept_failed(std::error_code ec) {
+    accepting_ = false;
+    if (closed_) return;
+    paused_ = true;
+    ended_.push_back({ec, 0, true});
+    deliver();
+  }
+
+  /// A peer was accepted into `socket`: its handshake runs from now.
+  void handshake_started(const std::shared_ptr<Socket>& socket) {
+    accepting_ = false;
+    running_.push_back({socket.get(), socket, std::nullopt});
+  }
+
+  /// The handshake on `socket` ended with `ec` (its transport's final say) for `sender`.
+  void handshake_ended(const Socket* socket, std::error_code ec, std::uint32_t sender) {
+    const auto it = find(socket);
+    if (it != running_.end()) running_.erase(it);
+    if (closed_) return;
+    ended_.push_back({ec, sender, false});
+    deliver();
+  }
+
+  /// Claims `sender` for the handshake on `socket` until that handshake ends: false when
+  /// another handshake in progress claimed it.
+  bool claim(const Socket* socket, std::uint32_t sender) {
+    for (const auto& r : running_)
+      if (r.key != socket && r.claimed == sender) return false;
+    if (const auto it = find(socket); it != running_.end()) it->claimed = sender;
+    return true;
+  }
+
+  /// Hands the next result to `handler` (void(std::error_code, std::uint32_t)), never
+  /// inline: now if one is there, else once a handshake ends. Cancellable (any type).
+  template <class Handler>
+  void take(Handler&& handler) {
+    auto slot = asio::get_associated_cancellation_slot(handler);
+    auto h = make_op<waiter>(std::forward<Handler>(handler), executor_);
+    if (closed_) return complete_op(std::move(h), asio::error::operation_aborted, std::uint32_t{0});
+    waiter* raw = h.get();
+    waiters_.push_back({std::move(h), slot});
+    if (slot.is_connected()) slot.template emplace<canceller>(canceller{this->weak_from_this(), raw});
+    deliver();
+  }
+
+  /// Stops: closes every handshake in progress (each fails), completes every waiter with
+  /// operation_aborted; results not taken are dropped.
+  void close() noexcept {
+    if (closed_) return;
+    closed_ = true;
+    std::error_code ignored;
+    for (auto& r : running_)
+      if (auto s = r.socket.lock()) s->close(ignored);
+    ended_.clear();
+    while (!waiters_.empty()) complete_op(pop_waiter(), asio::error::operation_aborted, std::uint32_t{0});
+  }
+
+private:
+  struct handshake {
+    const Socket* key;
+    std::weak_ptr<Socket> socket;
+    std::optional<std::uint32_t> claimed;
+  };
+  struct result {
+    std::error_code ec;
+    std::uint32_t sender;
+    bool accept_failure;
+  };
+  struct pending {
+    op_ptr<waiter> handler;
+    asio::cancellation_slot slot;
+  };
+  struct canceller {
+    std::weak_ptr<handshake_listener> listener;
+    waiter* w;
+    void operator()(asio::cancellation_type type) const {
+      if (type == asio::cancellation_type::none) return;
+      if (auto l = listener.lock()) l->cancel(w);
+    }
+  };
+
+  typename std::vector<handshake>::iterator find(const Socket* key) {
+    return std::find_if(running_.begin(), running_.end(), [key](const handshake& h) { return h.key == key; });
+  }
+
+  void deliver() {
+    while (!waiters_.empty() && !ended_.empty()) {
+      const result r = ended_.front();
+      ended_.pop_front();
+      if (r.accept_failure) paused_ = false;
+      complete_op(pop_waiter(), r.ec, r.sender);
+    }
+  }
+
+  void cancel(waiter* w) {
+    for (auto it = waiters_.begin(); it != waiters_.end(); ++it)
+      if (it->handler.get() == w) {
+        auto h = std::move(it->handler);
+        it->slot.clear();
+        waiters_.erase(it);
+        return complete_op(std::move(h), asio::error::operation_aborted, std::uint32_t{0});
+      }
+  }
+
+  op_ptr<waiter> pop_waiter() {
+    auto p = std::move(waiters_.front());
+    waiters_.pop_front();
+    if (p.slot.is_connected()) p.slot.clear();
+    return std::move(p.handler);
+  }
+
+  Executor executor_;
+  std::size_t limit_;
+  std::vector<handshake> running_;
+  std::deque<result> ended_;
+  std::deque<pending> waiters_;
+  bool accepting_ = false;
+  bool paused_ = false;
+  bool closed_ = false;
+};
+
+/// Keeps a receiver accepting: accepts one peer, starts its handshake and accepts the next at
+/// once, as long as its handshake_listener has room. `Driver` (copied into every handler)
+/// is the transport's part:
+///   std::shared_ptr<State> lock() const                  — the receiver, or null once gone;
+///   handshake_listener<...>& listener(State&) const;
+///   Acceptor& acceptor(State&) const;
+///   std::shared_ptr<Pending> make_pending(State&) const  — a handshake's state, with `socket`;
+///   void handshake(State&, std::shared_ptr<Pending>, Done) const — runs
+///                                       async_handshake_accepted with the transport's hooks;
+///   std::error_code admit(State&, const std::shared_ptr<Pending>&, std::error_code,
+///                         sender_identity) const — the handshake ended (or its accept
+///                                       failed): installs the sender or drops the peer; the
+///                                       result async_accept reports.
+/// Call it whenever room may have appeared: after an async_accept took a result.
+template <class Driver>
+void accept_peers(Driver driver) {
+  const auto state = driver.lock();
+  if (!state) return;
+  auto& listener = driver.listener(*state);
+  if (!listener.may_accept()) return;
+  auto pending = driver.make_pending(*state);
+  listener.accept_started();
+  driver.acceptor(*state).async_accept(pending->socket, [driver, pending](std::error_code ec) {
+    const auto state = driver.lock();
+    if (!state) return;
+    auto& listener = driver.listener(*state);
+    if (ec || listener.closed()) {
+      const auto reported = driver.admit(*state, pending, ec ? ec : asio::error::operation_aborted, {});
+      return listener.accept_failed(reported);
+    }
+    std::shared_ptr<std::remove_reference_t<decltype(pending->socket)>> socket(pending, &pending->socket);
+    listener.handshake_started(socket);
+    driver.handshake(*state, pending, [driver, pending](std::error_code ec, sender_identity who) {
+      const auto state = driver.lock();
+      if (!state) return;
+      const auto reported = driver.admit(*state, pending, ec, who);
+      driver.listener(*state).handshake_ended(&pending->socket, reported, who.sender);
+      accept_peers(driver);
+    });
+    accept_peers(driver);
+  });
 }
 
 }  // namespace shardline::detail

@@ -11,7 +11,15 @@
 // without the key learns nothing but a random challenge and a failed status.
 // "SLAU" read as a little-endian u32 is far above any verdict status, so a sender can tell a
 // challenge from the verdict of a receiver that does not authenticate.
-// This authenticates the connection's start; it neither encrypts nor signs what follows.
+// Once both proved the key, each side derives the connection's session key
+//   session = HMAC-SHA-512/256(key, "shardline session v1", nonce_r, nonce_s, magic)
+// and every notice and every ack after the handshake travels sealed (notice_seal, below):
+//   frame[8] tag[16], tag = HMAC-SHA-512/256(session, direction, u64 sequence, frame)[0, 16)
+// The sequence number counts each direction's frames from 0 and is never sent: a frame
+// replayed, reordered, dropped or sent the other way fails its tag. A tag is truncated to
+// 16 bytes: a forger gets one guess per connection (a tag that fails ends the connection, and
+// the next connection has another session key), so 2^-128 per guess is all a longer tag buys.
+// This does not encrypt anything, nor sign the QP and region exchange of the handshake.
 #pragma once
 
 #include <shardline/detail/codec.hpp>
@@ -30,6 +38,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
@@ -182,6 +191,8 @@ inline constexpr std::size_t psk_proof_bytes = psk_nonce_bytes + psk_mac_bytes;
 inline constexpr std::size_t psk_answer_bytes = 4 + psk_mac_bytes;
 static_assert(psk_mac_bytes == 32);
 
+class session_key;
+
 /// Which side a MAC speaks for: a sender's MAC never passes for a receiver's.
 enum class psk_role : unsigned char { sender = 'S', receiver = 'R' };
 
@@ -256,6 +267,9 @@ public:
     return {};
   }
 
+  /// The connection's session key (notice_seal): call once both proofs held.
+  session_key derive_session_key(std::string_view magic) const;
+
   /// The MAC `role` proves itself with on this connection (its challenge and the sender's
   /// nonce at `nonce_s`); public so that tests can forge the exact frames a peer would send.
   std::array<unsigned char, psk_mac_bytes> mac(psk_role role, std::string_view magic, const hello_frame& hello,
@@ -287,6 +301,126 @@ private:
   }
 
   shared_key key_;
+};
+
+/// One connection's session key: derived from the pre-shared key and both handshake nonces,
+/// so no two connections share one. Move-only; zeroed (sodium_memzero) when destroyed.
+class session_key {
+public:
+  static constexpr std::size_t size = crypto_auth_hmacsha512256_KEYBYTES;
+
+  explicit session_key(std::span<const unsigned char, size> bytes) noexcept {
+    std::memcpy(bytes_.data(), bytes.data(), size);
+  }
+  session_key(session_key&& o) noexcept : bytes_(o.bytes_) { sodium_memzero(o.bytes_.data(), size); }
+  session_key& operator=(session_key&& o) noexcept {
+    if (this != &o) {
+      bytes_ = o.bytes_;
+      sodium_memzero(o.bytes_.data(), size);
+    }
+    return *this;
+  }
+  session_key(const session_key&) = delete;
+  session_key& operator=(const session_key&) = delete;
+  ~session_key() { sodium_memzero(bytes_.data(), size); }
+
+  std::span<const unsigned char, size> secret() const noexcept { return bytes_; }
+
+private:
+  std::array<unsigned char, size> bytes_{};
+};
+
+static_assert(session_key::size == psk_mac_bytes);
+
+inline session_key psk_session::derive_session_key(std::string_view magic) const {
+  static constexpr std::string_view label = "shardline session v1";
+  std::array<unsigned char, 4> dialect{};
+  std::memcpy(dialect.data(), magic.data(), std::min<std::size_t>(magic.size(), dialect.size()));
+  crypto_auth_hmacsha512256_state st;
+  crypto_auth_hmacsha512256_init(&st, key_.secret().data(), shared_key::size);
+  crypto_auth_hmacsha512256_update(&st, reinterpret_cast<const unsigned char*>(label.data()), label.size());
+  crypto_auth_hmacsha512256_update(&st, reinterpret_cast<const unsigned char*>(challenge.data() + 4),
+                                   psk_nonce_bytes);
+  crypto_auth_hmacsha512256_update(&st, reinterpret_cast<const unsigned char*>(proof.data()), psk_nonce_bytes);
+  crypto_auth_hmacsha512256_update(&st, dialect.data(), dialect.size());
+  std::array<unsigned char, psk_mac_bytes> out{};
+  crypto_auth_hmacsha512256_final(&st, out.data());
+  sodium_memzero(&st, sizeof st);
+  session_key k(out);
+  sodium_memzero(out.data(), out.size());
+  return k;
+}
+
+/// Which way a sealed frame goes: a notice's tag never passes for an ack's.
+enum class seal_direction : unsigned char { notice = 'N', ack = 'A' };
+
+inline constexpr std::size_t seal_tag_bytes = 16;
+
+/// The seal policy of the control link (transport/detail/control_link.hpp) for network
+/// transports: with a session key, every frame goes out with its tag and every frame read
+/// must carry the tag of the next frame expected that way; without one (a transport run
+/// unauthenticated) frames go bare, as with no_seal. One per connection end: a sender's
+/// notice_link seals notices and opens acks, a receiver's peer the other way round.
+class notice_seal {
+public:
+  static constexpr bool seals = true;
+
+  notice_seal() = default;  // unkeyed: no tags
+  notice_seal(session_key key, seal_direction sends)
+      : key_(std::make_unique<session_key>(std::move(key))), sends_(sends),
+        reads_(sends == seal_direction::notice ? seal_direction::ack : seal_direction::notice) {}
+
+  bool keyed() const noexcept { return key_ != nullptr; }
+
+  /// How many tag bytes follow each frame on the wire: seal_tag_bytes, or 0 unkeyed.
+  std::size_t tag_size() const noexcept { return keyed() ? seal_tag_bytes : 0; }
+
+  /// The tag of `frame` as the next frame sent, in the seal's own buffer (good until the next
+  /// seal()); empty unkeyed.
+  std::span<const std::byte> seal(const notice_frame& frame) {
+    if (!keyed()) return {};
+    const auto t = tag(sends_, sent_++, frame);
+    std::memcpy(out_.data(), t.data(), seal_tag_bytes);
+    return std::span<const std::byte>(out_.data(), seal_tag_bytes);
+  }
+
+  /// Where the tag of the next frame read lands (tag_size() bytes).
+  std::span<std::byte> in_tag() noexcept { return std::span<std::byte>(in_.data(), tag_size()); }
+
+  /// Whether `frame`, with in_tag(), is the next frame expected; compared in constant time.
+  /// Always true unkeyed.
+  bool open(const notice_frame& frame) {
+    if (!keyed()) return true;
+    const auto t = tag(reads_, read_++, frame);
+    return crypto_verify_16(t.data(), reinterpret_cast<const unsigned char*>(in_.data())) == 0;
+  }
+
+  /// The full MAC of `frame` as frame number `sequence` going `way` under `key` (the tag is
+  /// its first seal_tag_bytes); public so that tests can forge exact frames.
+  static std::array<unsigned char, psk_mac_bytes> tag(const session_key& key, seal_direction way,
+                                                      std::uint64_t sequence, const notice_frame& frame) {
+    std::array<unsigned char, 1 + 8 + notice_bytes> msg{};
+    msg[0] = static_cast<unsigned char>(way);
+    for (int i = 0; i < 8; ++i) msg[1 + i] = static_cast<unsigned char>(sequence >> (8 * i));
+    std::memcpy(msg.data() + 9, frame.data(), notice_bytes);
+    std::array<unsigned char, psk_mac_bytes> out{};
+    crypto_auth_hmacsha512256(out.data(), msg.data(), msg.size(), key.secret().data());
+    return out;
+  }
+
+private:
+  std::array<unsigned char, psk_mac_bytes> tag(seal_direction way, std::uint64_t sequence,
+                                               const notice_frame& frame) const {
+    return tag(*key_, way, sequence, frame);
+  }
+
+  std::unique_ptr<session_key> key_;  // null: unkeyed
+  seal_direction sends_ = seal_direction::notice;
+  seal_direction reads_ = seal_direction::ack;
+  std::uint64_t sent_ = 0;
+  std::uint64_t read_ = 0;
+  std::array<std::byte, seal_tag_bytes> out_{};
+  std::array<std::byte, seal_tag_bytes> in_{};
 };
 
 }  // namespace shardline::detail

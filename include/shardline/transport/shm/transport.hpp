@@ -95,6 +95,11 @@ struct shm_options {
   /// (errc::protocol_error past it). The buffer grows as bytes arrive, never ahead of them to
   /// the length the receiver announced.
   std::size_t max_handshake_bytes = std::size_t(1) << 30;
+  /// Receivers: handshakes run at once (each bounded by connect_timeout), counting those
+  /// ended whose result no async_accept took yet. Past it the receiver accepts nothing until
+  /// one ends and is taken; further peers wait in the socket's backlog. A silent peer holds
+  /// one of these, never the listener.
+  std::size_t max_pending_handshakes = detail::default_max_pending_handshakes;
 };
 
 namespace detail {
@@ -177,7 +182,9 @@ class basic_shm_transport {
 
   struct receiver_state : std::enable_shared_from_this<receiver_state> {
     receiver_state(const Executor& ex, std::string p, shm_options o)
-        : executor(ex), path(std::move(p)), options(o), acceptor(ex), notices(ex, o.notice_depth) {}
+        : executor(ex), path(std::move(p)), options(o), acceptor(ex), notices(ex, o.notice_depth),
+          handshakes(std::make_shared<detail::handshake_listener<Executor, socket_type>>(
+              ex, o.max_pending_handshakes)) {}
     struct arena {
       detail::unique_fd fd;
       detail::mapping map;
@@ -192,7 +199,7 @@ class basic_shm_transport {
     admission admitted;
     notice_channel notices;
     std::unordered_map<std::uint32_t, std::shared_ptr<peer_state>> peers;  // live, by sender id
-    std::weak_ptr<accept_state> accepting;
+    std::shared_ptr<detail::handshake_listener<Executor, socket_type>> handshakes;
     std::string last_refusal;
     // The socket file this receiver created: the path may name another's file by the time
     // it closes (someone removed ours and a new receiver bound there), never delete that one.
@@ -264,7 +271,8 @@ class basic_shm_transport {
       return false;
     }
 
-    void sender_left(const std::shared_ptr<peer_state>& p, std::error_code why) {
+    // By value: callers may pass a reference into `peers`, which this erases.
+    void sender_left(std::shared_ptr<peer_state> p, std::error_code why) {
       if (p->gone) return;
       p->gone = true;
       std::error_code ignored;
@@ -296,6 +304,8 @@ class basic_shm_transport {
           case detail::predecessor::gone: s.sender_left(it->second, make_error_code(errc::peer_disconnected));
         }
       }
+      // Another handshake in progress may be admitting the same id.
+      if (!s.handshakes->claim(&accept->socket, who.sender)) return {make_error_code(errc::invalid_argument)};
       return {};
     }
 
@@ -322,9 +332,39 @@ class basic_shm_transport {
     }
   };
 
+  // What detail::accept_peers asks of the transport: one accepted socket's handshake, and
+  // the sender installed when it is admitted.
+  struct accept_driver {
+    std::weak_ptr<receiver_state> receiver;
+
+    std::shared_ptr<receiver_state> lock() const { return receiver.lock(); }
+    auto& listener(receiver_state& s) const { return *s.handshakes; }
+    acceptor_type& acceptor(receiver_state& s) const { return s.acceptor; }
+    std::shared_ptr<accept_state> make_pending(receiver_state& s) const {
+      return std::make_shared<accept_state>(s.executor);
+    }
+    template <class Done>
+    void handshake(receiver_state& s, std::shared_ptr<accept_state> a, Done done) const {
+      auto r = receiver.lock();
+      detail::async_handshake_accepted(std::shared_ptr<socket_type>(a, &a->socket), detail::shm_magic,
+                                       s.options.connect_timeout, accept_hooks{std::move(r), a}, std::move(done));
+    }
+    std::error_code admit(receiver_state& s, const std::shared_ptr<accept_state>& a, std::error_code ec,
+                          sender_identity who) const {
+      if (s.closed) ec = asio::error::operation_aborted;
+      else if (a->peer_refused) ec = {EACCES, std::system_category()};  // std::errc::permission_denied
+      if (!ec) {
+        auto p = std::make_shared<peer_state>(std::move(a->socket), who.sender);
+        s.peers[who.sender] = p;
+        s.accepted = true;
+        detail::serve_notices(std::weak_ptr<receiver_state>(s.shared_from_this()), std::move(p));
+      }
+      return detail::shm_system_error(ec);
+    }
+  };
+
   struct accept_op {
     std::shared_ptr<receiver_state> receiver;
-    std::shared_ptr<accept_state> accept;
     std::error_code refused;  // before any handshake: completed through a post
 
     template <class Self>
@@ -332,33 +372,18 @@ class basic_shm_transport {
       auto& s = *receiver;
       if (refused) return self.complete(refused, 0u);
       if (s.closed) refused = make_error_code(errc::not_connected);
-      else if (!s.accepting.expired()) refused = make_error_code(errc::invalid_argument);
+      else if (s.handshakes->waiting()) refused = make_error_code(errc::invalid_argument);
       if (refused) return asio::post(s.executor, std::move(self));
       self.reset_cancellation_state(asio::enable_total_cancellation());
-      accept = std::make_shared<accept_state>(s.executor);
-      s.accepting = accept;
-      detail::async_handshake_as_receiver(s.acceptor, std::shared_ptr<socket_type>(accept, &accept->socket),
-                                          detail::shm_magic, s.options.connect_timeout,
-                                          accept_hooks{receiver, accept}, std::move(self));
+      const accept_driver driver{receiver};  // before `self` (this op with it) moves into the wait
+      s.handshakes->take(std::move(self));
+      detail::accept_peers(driver);
     }
 
     template <class Self>
-    void operator()(Self& self, std::error_code ec, sender_identity who) {
-      auto& s = *receiver;
-      if (s.accepting.lock() == accept) {
-        s.accepting.reset();
-        std::error_code ignored;
-        s.acceptor.cancel(ignored);  // a pending accept would take a sender and drop it
-      }
-      if (s.closed) ec = asio::error::operation_aborted;
-      else if (accept->peer_refused) ec = {EACCES, std::system_category()};  // std::errc::permission_denied
-      if (!ec) {
-        auto p = std::make_shared<peer_state>(std::move(accept->socket), who.sender);
-        s.peers[who.sender] = p;
-        s.accepted = true;
-        detail::serve_notices(std::weak_ptr<receiver_state>(receiver), std::move(p));
-      }
-      self.complete(detail::shm_system_error(ec), who.sender);
+    void operator()(Self& self, std::error_code ec, std::uint32_t sender) {
+      if (receiver->closed && ec != errc::not_connected) ec = asio::error::operation_aborted;
+      self.complete(ec, sender);
     }
   };
 
@@ -476,9 +501,9 @@ class basic_shm_transport {
       const auto& p = op->pieces[i];
       std::memcpy(p.destination, p.source, p.size);
     }
+    // acq_rel: the last copier sees every other copier's bytes in the shared pages before it
+    // hands the op back (the post then orders them before the io thread reports or notifies).
     if (op->running.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      // Every byte is in the shared pages before the io thread reports or notifies.
-      std::atomic_thread_fence(std::memory_order_release);
       auto owner = std::move(op->owner);
       auto ex = owner->executor;
       // From here on `op` belongs to the io thread again.
@@ -714,8 +739,11 @@ public:
     const region_table& regions() const noexcept { return state_->table; }
 
     /// Accepts one sender: completion void(std::error_code, std::uint32_t sender). Call it
-    /// again for each further sender; the socket keeps listening until close(), and peers
-    /// queue in its backlog meanwhile.
+    /// again for each further sender. From the first call until close() the receiver accepts
+    /// peers as they come and runs their handshakes side by side (at most
+    /// options.max_pending_handshakes, counting ended ones not yet taken; further peers wait
+    /// in the socket's backlog), so a silent peer holds only its own handshake; each call
+    /// takes the result of the next handshake to end, in the order they end.
     ///
     /// The handshake reads the sender's hello, checks the peer's credentials (see
     /// shm_options::allow_peer), then the hello against admit()'s admission and the senders
@@ -735,10 +763,11 @@ public:
     /// pending.
     ///
     /// Cancellation (any type): completes with operation_aborted unless it completed first;
-    /// a peer in mid-handshake is dropped. Never completes inline.
+    /// handshakes in progress go on, their results kept for the next call. Never completes
+    /// inline.
     template <class Token>
     auto async_accept(Token&& token) {
-      return asio::async_compose<Token, void(std::error_code, std::uint32_t)>(accept_op{state_, nullptr, {}}, token,
+      return asio::async_compose<Token, void(std::error_code, std::uint32_t)>(accept_op{state_, {}}, token,
                                                                              state_->executor);
     }
 
@@ -771,8 +800,8 @@ public:
       s.closed = true;
       std::error_code ignored;
       s.acceptor.close(ignored);
-      // A peer in mid-handshake: its pending step fails, and the accept with operation_aborted.
-      if (auto a = s.accepting.lock()) a->socket.close(ignored);
+      // Peers in mid-handshake: their pending steps fail, a pending accept with operation_aborted.
+      s.handshakes->close();
       for (auto& [id, p] : s.peers) {
         p->gone = true;
         p->socket.close(ignored);

@@ -62,6 +62,15 @@ inline int find_ipv4_roce_v2_gid(ibv_context* ctx, std::uint8_t port, int table_
   return -1;
 }
 
+/// Whether a device with these attributes binds type 2 memory windows (ibv_alloc_mw with
+/// IBV_MW_TYPE_2, bound by IBV_WR_BIND_MW on one QP): max_mw > 0 and device_cap_flags holding
+/// MEM_WINDOW_TYPE_2A or MEM_WINDOW_TYPE_2B. Soft-RoCE (rxe, Linux 6.1) reports MEM_WINDOW,
+/// MEM_WINDOW_TYPE_2B and max_mw 524287.
+inline bool supports_type2_windows(const ibv_device_attr& a) noexcept {
+  return a.max_mw > 0 &&
+         (a.device_cap_flags & (IBV_DEVICE_MEM_WINDOW_TYPE_2A | IBV_DEVICE_MEM_WINDOW_TYPE_2B)) != 0;
+}
+
 /// An opened device: its context and one protection domain, the port's attributes and
 /// the GID this side uses. Shared (shared_ptr) by every object made from it, so it
 /// outlives them all.
@@ -119,6 +128,7 @@ public:
     if (!pd_)
       throw error(std::error_code(errno, std::system_category()),
                   "verbs: ibv_alloc_pd on " + name_ + " failed");
+    if (ibv_query_device(ctx_.get(), &attr_) != 0) attr_ = {};  // then: no memory windows
   }
 
   device(const device&) = delete;
@@ -131,6 +141,10 @@ public:
   const ibv_port_attr& port_attr() const noexcept { return port_attr_; }
   int gid_index() const noexcept { return gid_index_; }
   const ibv_gid& gid() const noexcept { return gid_; }
+  /// ibv_query_device's answer (zeroed when the query failed).
+  const ibv_device_attr& attr() const noexcept { return attr_; }
+  /// supports_type2_windows(attr()).
+  bool supports_memory_windows() const noexcept { return supports_type2_windows(attr_); }
 
 private:
   void context_handle_reset(ibv_device* d) { ctx_.reset(ibv_open_device(d)); }
@@ -143,6 +157,7 @@ private:
   ibv_port_attr port_attr_{};
   int gid_index_ = -1;
   ibv_gid gid_{};
+  ibv_device_attr attr_{};
 };
 
 }  // namespace shardline::verbs

@@ -16,11 +16,13 @@
 #include <shardline/transport/verbs/device.hpp>
 #include <shardline/transport/verbs/error.hpp>
 #include <shardline/transport/verbs/memory_region.hpp>
+#include <shardline/transport/verbs/memory_window.hpp>
 #include <shardline/transport/verbs/options.hpp>
 #include <shardline/transport/verbs/queue_pair.hpp>
 
 #include <asio/any_io_executor.hpp>
 #include <asio/async_result.hpp>
+#include <asio/cancellation_type.hpp>
 #include <asio/compose.hpp>
 #include <asio/ip/tcp.hpp>
 #include <asio/post.hpp>
@@ -63,9 +65,14 @@ class basic_verbs_transport {
 public:
   using executor_type = Executor;
   static constexpr poll_mode mode = Mode;
-  /// RDMA WRITE reads and writes registered host memory of either kind (CUDA: not yet).
+  /// RDMA WRITE reads and writes registered host memory of either kind; cuda_device memory
+  /// only through options::register_device_memory (dma-buf), checked at run time:
+  /// readable_kinds(), receiver::exposable_kinds().
   static constexpr memory_kinds source_kinds{memory_kind::host, memory_kind::host_pinned};
   static constexpr memory_kinds destination_kinds{memory_kind::host, memory_kind::host_pinned};
+  /// What a sender writes in a receiver's table: any kind the receiver could register,
+  /// cuda_device included where its options::register_device_memory is set (dma-buf).
+  static constexpr memory_kinds exposed_kinds{memory_kind::host, memory_kind::host_pinned, memory_kind::cuda_device};
 
   /// Opens the device. Throws shardline::error: errc::invalid_argument, before touching
   /// the device, when `opts` has no key and does not set allow_unauthenticated;
@@ -76,6 +83,11 @@ public:
       : executor_(ex),
         opts_(require_key_choice(std::move(opts))),
         device_(std::make_shared<device>(opts_.device, opts_.port, opts_.gid_index)) {
+    if (opts_.memory_windows == memory_window_use::required && !device_->supports_memory_windows())
+      throw error(make_error_code(errc::no_device),
+                  "no RDMA device: " + device_->name() + " has no type 2 memory windows (max_mw " +
+                      std::to_string(device_->attr().max_mw) +
+                      ", no MEM_WINDOW_TYPE_2A/2B) and options::memory_windows is required");
     if (!opts_.key)
       std::fprintf(stderr,
                    "shardline: warning: verbs transport on %s runs unauthenticated "
@@ -108,13 +120,19 @@ public:
     memory_location where_{};
   };
 
-  /// Registers exactly `bytes`, which live at `where`. Throws shardline::error:
-  /// errc::unsupported_memory for a kind outside source_kinds, the errno of ibv_reg_mr
-  /// when it fails.
+  /// Registers exactly `bytes`, which live at `where` (cuda_device memory through
+  /// options::register_device_memory). Throws shardline::error: errc::unsupported_memory for
+  /// a kind outside readable_kinds(), the errno of ibv_reg_mr (or what the hook throws) when
+  /// it fails.
   registration register_memory(std::span<std::byte> bytes, memory_location where = {}) {
-    require_kind(source_kinds, where, "the verbs transport", "staging memory");
+    require_kind(readable_kinds(), where, "the verbs transport", "staging memory");
+    if (where.kind == memory_kind::cuda_device) return registration(opts_.register_device_memory(device_, bytes, where, 0), where);
     return registration(memory_region(device_, bytes, 0), where);
   }
+
+  /// What register_memory() takes here: source_kinds, and cuda_device where
+  /// options::register_device_memory is set (dma-buf, shardline/cuda/gpudirect.hpp).
+  memory_kinds readable_kinds() const noexcept { return with_device_memory(source_kinds, opts_); }
 
   /// A sender's connection to one receiver: `queue_pairs` RC QPs sharing one CQ, and the
   /// TCP control connection. Satisfies shardline::transport_connection. Move-only;
@@ -146,6 +164,18 @@ public:
 
     /// Who this sender said it is when connecting.
     sender_identity identity() const noexcept { return state_ ? state_->identity() : sender_identity{}; }
+
+    /// Whether the receiver gave this connection memory-window rkeys (options::memory_windows).
+    bool memory_windows() const noexcept { return state_ && state_->memory_windows(); }
+
+    /// The rkey that a write under `key` (a remote_regions() key) carries on QP `qp`: with
+    /// memory windows, that of the window the receiver bound to its QP `qp` for this
+    /// connection alone (the table's keys are then registration numbers, which no QP
+    /// accepts); without, `key` itself. A key the receiver did not give goes out unchanged
+    /// (and fails with a remote access error).
+    std::uint32_t rkey(std::uint32_t key, std::size_t qp) const noexcept {
+      return state_ ? state_->rkey(key, qp) : key;
+    }
 
     /// False once closed, once the control connection ended (the receiver left or sent
     /// garbage; the control socket is read for the connection's whole life, so an idle
@@ -269,11 +299,15 @@ public:
     /// e.g. an inference engine's tensors) is registered on its own over exactly those
     /// bytes, with local and remote write only (never remote read); the receiver keeps that
     /// registration, and the caller keeps the bytes valid, until the receiver is destroyed.
+    /// cuda_device memory is registered through options::register_device_memory (dma-buf).
     /// Throws shardline::error naming the region: errc::unsupported_memory for a kind
-    /// outside destination_kinds, errc::invalid_argument for a name given twice or an
+    /// outside exposable_kinds(), errc::invalid_argument for a name given twice or an
     /// overlap, ibv_reg_mr's errno (with its text) when the registration fails. Expose
     /// before accepting: each sender receives the table when it connects.
-    void expose(exposure e) { state_->expose(std::move(e), destination_kinds); }
+    void expose(exposure e) { state_->expose(std::move(e), exposable_kinds()); }
+    /// What expose() takes here: destination_kinds, and cuda_device where
+    /// options::register_device_memory is set (registered through it).
+    memory_kinds exposable_kinds() const noexcept { return with_device_memory(destination_kinds, state_->opts()); }
     /// A host byte region.
     void expose(std::string name, std::span<std::byte> bytes) {
       expose(exposure{std::move(name), bytes, {}, {}});
@@ -281,6 +315,12 @@ public:
 
     /// Whom async_accept admits from now on (default: anyone).
     void admit(admission a) noexcept { state_->admit(a); }
+
+    /// Whether each sender gets rkeys of its own, memory windows bound to the receiver's QPs
+    /// connected to it and revoked when it leaves (options::memory_windows, and the device).
+    /// Then regions().key is a registration number, not an rkey, and memory is registered
+    /// with local write and MW bind only; otherwise it is the memory region's rkey.
+    bool memory_windows() const noexcept { return state_->memory_windows(); }
 
     const region_table& regions() const noexcept { return state_->table(); }
 
@@ -298,8 +338,11 @@ public:
     /// serving the others: call async_accept again (several may be pending). The whole
     /// handshake is bounded by options::connect_timeout (asio::error::timed_out), so a
     /// client that says nothing cannot hold it; errc::peer_disconnected when the peer left
-    /// mid-handshake. Cancellation (any type): completes with operation_aborted; a peer in
-    /// mid-handshake is dropped.
+    /// mid-handshake. Handshakes run side by side from the first call until close() (at
+    /// most options::max_pending_handshakes, counting ended ones not yet taken; further
+    /// peers wait in the listen backlog): each call takes the result of the next to end.
+    /// Cancellation (any type): completes with operation_aborted; handshakes in progress go
+    /// on, their results kept for later calls.
     template <class Token>
     auto async_accept(Token&& token) {
       return asio::async_compose<Token, void(std::error_code, std::uint32_t)>(
@@ -347,6 +390,11 @@ public:
         return {refusal};
       }
 
+      // The sender proved the key: its notices and our acks are sealed from now on.
+      void authenticated(shardline::detail::session_key key) const {
+        p->seal = shardline::detail::notice_seal(std::move(key), shardline::detail::seal_direction::ack);
+      }
+
       template <class Handler>
       void operator()(socket_type&, const sender_identity&, Handler&& handler) const {
         asio::async_compose<std::decay_t<Handler>, void(std::error_code)>(
@@ -367,7 +415,7 @@ public:
       std::shared_ptr<state_type> state;
       std::shared_ptr<peer> p;
       std::unique_ptr<exchange_data> d;
-      enum class step { start, fixed_read, qps_read, answered } at = step::start;
+      enum class step { start, fixed_read, qps_read, binding, answered } at = step::start;
 
       template <class Self>
       void operator()(Self& self, std::error_code ec = {}, std::size_t = 0) {
@@ -378,14 +426,14 @@ public:
             at = step::fixed_read;
             return asio::async_read(p->socket, asio::buffer(d->in), std::move(self));
           case step::fixed_read:
-            d->qps = detail::decode_fixed(d->in, d->gid);
+            d->qps = detail::decode_fixed(d->in, d->gid, state->opts().max_queue_pairs);
             if (!d->qps) return self.complete(make_error_code(errc::protocol_error));
             d->in.resize(8 * d->qps);
             at = step::qps_read;
             return asio::async_read(p->socket, asio::buffer(d->in), std::move(self));
           case step::qps_read:
             try {
-              p->init(state->dev(), d->qps);
+              state->prepare(*p, d->qps);  // QPs and, with windows, this sender's own windows
               const auto remote = detail::decode_qps(d->in, d->qps);
               std::vector<qp_endpoint> mine;
               for (std::size_t i = 0; i < d->qps; ++i) {
@@ -393,24 +441,65 @@ public:
                 mine.push_back(p->qps[i]->local());
               }
               d->out = detail::encode_endpoints(state->dev()->gid(), mine);
-              const std::string table = state->table().serialize();
-              shardline::detail::put_le<std::uint64_t>(d->out, table.size());
-              d->out += table;
             } catch (const std::system_error& e) {
               return self.complete(e.code());
             }
+            at = step::binding;
+            [[fallthrough]];
+          case step::binding: {
+            // Every window is bound before its rkey leaves: no write can outrun its bind.
+            std::error_code e;
+            if (!p->bind_step(e)) {
+              if (!e && (!p->socket.is_open() ||  // the handshake's deadline closed it
+                         self.get_cancellation_state().cancelled() != asio::cancellation_type::none))
+                e = asio::error::operation_aborted;
+              if (e) return self.complete(e);
+              return asio::post(p->socket.get_executor(), std::move(self));
+            }
+            const std::string table = state->table().serialize();
+            shardline::detail::put_le<std::uint64_t>(d->out, table.size());
+            d->out += table;
+            d->out += detail::encode_window_keys(d->qps, p->key_rows());
             at = step::answered;
             return asio::async_write(p->socket, asio::buffer(d->out), std::move(self));
+          }
           case step::answered:
             return self.complete(std::error_code{});
         }
       }
     };
 
+    // What shardline::detail::accept_peers asks of the transport: one accepted peer's
+    // handshake, the QP exchange included, and the sender served once admitted.
+    struct accept_driver {
+      std::weak_ptr<state_type> state;
+      std::chrono::milliseconds timeout;
+
+      std::shared_ptr<state_type> lock() const { return state.lock(); }
+      auto& listener(state_type& s) const { return s.handshakes(); }
+      auto& acceptor(state_type& s) const { return s.acceptor(); }
+      std::shared_ptr<peer> make_pending(state_type& s) const { return s.new_peer(); }
+      template <class Done>
+      void handshake(state_type& s, std::shared_ptr<peer> p, Done done) const {
+        shardline::detail::async_handshake_accepted(std::shared_ptr<socket_type>(p, &p->socket), detail::hello_magic,
+                                                    timeout, s.opts().key, accept_hooks{state.lock(), p},
+                                                    std::move(done));
+      }
+      std::error_code admit(state_type& s, const std::shared_ptr<peer>& p, std::error_code ec,
+                            sender_identity) const {
+        if (!ec && s.closed()) ec = make_error_code(errc::not_connected);
+        if (ec) {
+          s.forget(p);
+          return ec;
+        }
+        s.serve(p);
+        return {};
+      }
+    };
+
     struct accept_op {
       std::shared_ptr<state_type> state;
       std::chrono::milliseconds timeout;
-      std::shared_ptr<peer> p;
       bool refused = false;  // closed before it started: completed through a post
 
       template <class Self>
@@ -418,21 +507,14 @@ public:
         if (refused) return self.complete(make_error_code(errc::not_connected), 0u);
         if ((refused = state->closed())) return asio::post(state->acceptor().get_executor(), std::move(self));
         self.reset_cancellation_state(asio::enable_total_cancellation());
-        p = state->new_peer();
-        shardline::detail::async_handshake_as_receiver(state->acceptor(), std::shared_ptr<socket_type>(p, &p->socket),
-                                                       detail::hello_magic, timeout, state->opts().key,
-                                                       accept_hooks{state, p}, std::move(self));
+        const accept_driver driver{state, timeout};  // before `self` (this op with it) moves into the wait
+        state->handshakes().take(std::move(self));
+        shardline::detail::accept_peers(driver);
       }
 
       template <class Self>
-      void operator()(Self& self, std::error_code ec, sender_identity who) {
-        if (!ec && state->closed()) ec = make_error_code(errc::not_connected);
-        if (ec) {
-          state->forget(p);
-          return self.complete(ec, who.sender);
-        }
-        state->serve(p);
-        self.complete(std::error_code{}, who.sender);
+      void operator()(Self& self, std::error_code ec, std::uint32_t sender) {
+        self.complete(ec, sender);
       }
     };
 
@@ -462,6 +544,15 @@ public:
   }
 
 private:
+  // `kinds` (source_kinds or destination_kinds, both host memory), and cuda_device when the
+  // options can register it.
+  static memory_kinds with_device_memory(memory_kinds kinds, const options& o) noexcept {
+    static_assert(source_kinds == memory_kinds{memory_kind::host, memory_kind::host_pinned} &&
+                  destination_kinds == source_kinds);
+    if (!o.register_device_memory) return kinds;
+    return {memory_kind::host, memory_kind::host_pinned, memory_kind::cuda_device};
+  }
+
   static options require_key_choice(options o) {
     if (!o.key && !o.allow_unauthenticated)
       throw error(make_error_code(errc::invalid_argument),
@@ -481,8 +572,9 @@ private:
     std::shared_ptr<cstate> state;
     std::shared_ptr<device> dev;
     std::size_t qps;
+    std::uint64_t max_table_bytes;  // options::max_table_bytes
     std::unique_ptr<std::string> buf = std::make_unique<std::string>();
-    enum class step { start, sent, endpoints_read, table_read } at = step::start;
+    enum class step { start, sent, endpoints_read, table_read, keys_fixed_read, keys_read } at = step::start;
 
     template <class Self>
     void operator()(Self& self, std::error_code ec = {}, std::size_t = 0) {
@@ -498,11 +590,11 @@ private:
           return asio::async_read(state->socket(), asio::buffer(*buf), std::move(self));
         case step::endpoints_read: {
           ibv_gid gid{};
-          if (detail::decode_fixed(*buf, gid) != qps) return self.complete(make_error_code(errc::protocol_error));
+          if (detail::decode_fixed(*buf, gid, qps) != qps) return self.complete(make_error_code(errc::protocol_error));
           const std::string_view rest = std::string_view(*buf).substr(detail::wire_fixed);
           const auto remote = detail::decode_qps(rest, qps);
           const auto len = shardline::detail::get_le<std::uint64_t>(rest.data() + 8 * qps);
-          if (len > detail::wire_max_table) return self.complete(make_error_code(errc::protocol_error));
+          if (len > max_table_bytes) return self.complete(make_error_code(errc::protocol_error));
           if (auto e = state->connect_qps(gid, remote)) return self.complete(e);
           buf->assign(static_cast<std::size_t>(len), '\0');
           at = step::table_read;
@@ -511,8 +603,20 @@ private:
         case step::table_read: {
           std::error_code e;
           state->table = region_table::parse(*buf, e);
-          return self.complete(e);
+          if (e) return self.complete(e);
+          buf->assign(detail::keys_fixed, '\0');
+          at = step::keys_fixed_read;
+          return asio::async_read(state->socket(), asio::buffer(*buf), std::move(self));
         }
+        case step::keys_fixed_read: {
+          std::size_t rows = 0;
+          if (!detail::decode_keys_fixed(*buf, qps, rows)) return self.complete(make_error_code(errc::protocol_error));
+          buf->assign(4 * rows * (1 + qps), '\0');
+          at = step::keys_read;
+          return asio::async_read(state->socket(), asio::buffer(*buf), std::move(self));
+        }
+        case step::keys_read:
+          return self.complete(state->set_window_keys(detail::decode_key_rows(*buf, buf->size() / 4)));
       }
     }
   };
@@ -521,9 +625,12 @@ private:
     std::shared_ptr<cstate> state;
     std::shared_ptr<device> dev;
     std::size_t qps;
+    std::uint64_t max_table_bytes;
+    // The receiver proved the key: our notices and its acks are sealed from now on.
+    void authenticated(shardline::detail::session_key key) const { state->seal_control(std::move(key)); }
     template <class Handler>
     void operator()(socket_type& socket, Handler&& handler) const {
-      asio::async_compose<std::decay_t<Handler>, void(std::error_code)>(qp_exchange{state, dev, qps}, handler,
+      asio::async_compose<std::decay_t<Handler>, void(std::error_code)>(qp_exchange{state, dev, qps, max_table_bytes}, handler,
                                                                         socket.get_executor());
     }
   };
@@ -548,7 +655,8 @@ private:
       self.reset_cancellation_state(asio::enable_total_cancellation());
       shardline::detail::async_handshake_as_sender(
           std::shared_ptr<socket_type>(state, &state->socket()), peer, detail::hello_magic, who,
-          t->opts_.connect_timeout, t->opts_.key, connect_exchange{state, t->device_, t->opts_.queue_pairs},
+          t->opts_.connect_timeout, t->opts_.key, connect_exchange{state, t->device_, t->opts_.queue_pairs,
+                                                             t->opts_.max_table_bytes},
           std::move(self));
     }
 

@@ -5,6 +5,7 @@
 #include <shardline/transport/detail/control.hpp>
 #include <shardline/transport/detail/control_link.hpp>
 #include <shardline/transport/detail/erased_op.hpp>
+#include <shardline/transport/detail/psk_auth.hpp>
 #include <shardline/error.hpp>
 #include <shardline/memory.hpp>
 #include <shardline/transport/concepts.hpp>
@@ -32,6 +33,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace shardline::verbs::detail {
@@ -121,6 +123,10 @@ public:
   }
 
   socket_type& socket() noexcept { return control_.socket(); }
+  // The handshake proved the key: every notice and ack from now on is sealed.
+  void seal_control(shardline::detail::session_key key) {
+    control_.seal() = shardline::detail::notice_seal(std::move(key), shardline::detail::seal_direction::notice);
+  }
   std::vector<qp_endpoint> endpoints() const {
     std::vector<qp_endpoint> v;
     for (auto& q : qps_) v.push_back(q->local());
@@ -137,6 +143,24 @@ public:
   }
 
   region_table table;
+
+  // The receiver's window keys (detail/wire.hpp): per row a table key, then its rkey on each
+  // QP. Refused when malformed: a repeated or zero key.
+  std::error_code set_window_keys(std::vector<std::uint32_t> words) {
+    const std::size_t w = 1 + qps_.size();
+    for (std::size_t r = 0; r < words.size(); r += w)
+      if (words[r] == 0 || !window_row_.emplace(words[r], r + 1).second) {
+        window_row_.clear();
+        return make_error_code(errc::protocol_error);
+      }
+    window_keys_ = std::move(words);
+    return {};
+  }
+  bool memory_windows() const noexcept { return !window_row_.empty(); }
+  std::uint32_t rkey(std::uint32_t key, std::size_t qp) const noexcept {
+    const std::uint32_t* k = window_rkeys(key);
+    return k && qp < qps_.size() ? k[qp] : key;
+  }
 
   bool is_open() const noexcept { return !failed_ && !closed_ && !control_ec_; }
 
@@ -156,6 +180,7 @@ public:
     write_op* op = acquire();
     const std::size_t n = qps_.size();
     for (const auto& w : batch) {
+      const std::uint32_t* rkeys = window_rkeys(w.remote_key);  // one per QP; null: the key itself
       for (std::size_t off = 0; off < w.source.size(); off += max_write_) {
         segment s;
         s.op = op;
@@ -164,8 +189,8 @@ public:
                                                                     w.source.size() - off));
         s.lkey = w.source_key;
         s.remote = w.remote_address + off;
-        s.rkey = w.remote_key;
         s.qp = static_cast<std::uint32_t>(op->segs.size() % n);
+        s.rkey = rkeys ? rkeys[s.qp] : w.remote_key;
         op->segs.push_back(s);
       }
     }
@@ -291,6 +316,13 @@ public:
   void after_drain() override { pump(); }
 
 private:
+  // Per write request, not per WR: the rkeys of `key` on QPs 0.., or null.
+  const std::uint32_t* window_rkeys(std::uint32_t key) const noexcept {
+    if (window_row_.empty()) return nullptr;
+    const auto it = window_row_.find(key);
+    return it == window_row_.end() ? nullptr : window_keys_.data() + it->second;
+  }
+
   write_op* acquire() {
     if (free_.empty()) {
       pool_.push_back(std::make_unique<write_op>());
@@ -508,7 +540,7 @@ private:
   std::shared_ptr<device> device_;  // first: destroyed last
   std::unique_ptr<completion_queue<Mode, Executor>> cq_;
   std::vector<std::unique_ptr<queue_pair>> qps_;  // after cq_: destroyed before it
-  shardline::detail::notice_link<socket_type, connection_state> control_;
+  shardline::detail::notice_link<socket_type, connection_state, shardline::detail::notice_seal> control_;
   sender_identity who_;
   std::size_t max_write_ = 0;
   std::size_t cq_budget_ = 0;
@@ -519,6 +551,8 @@ private:
   static constexpr std::size_t max_chain = 1024;
   segment* chain_[max_chain] = {};
   std::uint32_t unsignalled_[64] = {};
+  std::vector<std::uint32_t> window_keys_;  // rows of (key, one rkey per QP)
+  std::unordered_map<std::uint32_t, std::size_t> window_row_;  // key -> its first rkey's index
   std::vector<std::unique_ptr<write_op>> pool_;
   std::vector<write_op*> free_;
   std::deque<write_op*> active_;      // in initiation (seq) order

@@ -23,6 +23,10 @@ using device_list_handle = std::unique_ptr<ibv_device*, deleter<&ibv_free_device
 using context_handle = std::unique_ptr<ibv_context, deleter<&ibv_close_device>>;
 using pd_handle = std::unique_ptr<ibv_pd, deleter<&ibv_dealloc_pd>>;
 using mr_handle = std::unique_ptr<ibv_mr, deleter<&ibv_dereg_mr>>;
+// ibv_dealloc_mw invalidates the window first: its rkey is dead once this handle is gone.
+// (verbs.h defines it static inline: wrapped, so that the handle type has external linkage.)
+inline int dealloc_mw(ibv_mw* mw) noexcept { return ibv_dealloc_mw(mw); }
+using mw_handle = std::unique_ptr<ibv_mw, deleter<&dealloc_mw>>;
 using comp_channel_handle = std::unique_ptr<ibv_comp_channel, deleter<&ibv_destroy_comp_channel>>;
 using cq_handle = std::unique_ptr<ibv_cq, deleter<&ibv_destroy_cq>>;
 using qp_handle = std::unique_ptr<ibv_qp, deleter<&ibv_destroy_qp>>;

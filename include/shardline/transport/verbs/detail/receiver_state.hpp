@@ -4,14 +4,18 @@
 
 #include <shardline/transport/detail/control.hpp>
 #include <shardline/transport/detail/control_link.hpp>
+#include <shardline/transport/detail/handshake.hpp>
 #include <shardline/transport/detail/erased_op.hpp>
 #include <shardline/transport/detail/expose.hpp>
+#include <shardline/transport/detail/psk_auth.hpp>
 #include <shardline/error.hpp>
 #include <shardline/memory.hpp>
 #include <shardline/transport/concepts.hpp>
 #include <shardline/transport/verbs/detail/handles.hpp>
 #include <shardline/transport/verbs/device.hpp>
+#include <shardline/transport/verbs/error.hpp>
 #include <shardline/transport/verbs/memory_region.hpp>
+#include <shardline/transport/verbs/memory_window.hpp>
 #include <shardline/transport/verbs/options.hpp>
 #include <shardline/transport/verbs/queue_pair.hpp>
 
@@ -48,26 +52,90 @@ public:
   using waiter = shardline::detail::erased_op<std::error_code, notice>;
   using waiter_ptr = shardline::detail::op_ptr<waiter>;
 
-  // One sender, from its TCP accept on. Writes land through its QPs; it never posts
-  // anything itself, so its CQ is never polled.
-  struct peer : shardline::detail::notice_source<socket_type> {
-    explicit peer(const Executor& ex) : shardline::detail::notice_source<socket_type>(socket_type(ex)) {}
+  // One sender, from its TCP accept on. Writes land through its QPs; the only work it posts
+  // is the binding of its memory windows, whose completions the handshake polls.
+  // Its notices and acks are sealed once the handshake proved the key (notice_seal).
+  struct peer : shardline::detail::notice_source<socket_type, shardline::detail::notice_seal> {
+    explicit peer(const Executor& ex)
+        : shardline::detail::notice_source<socket_type, shardline::detail::notice_seal>(socket_type(ex)) {}
 
-    void init(const std::shared_ptr<device>& dev, std::size_t count) {
+    // `count` QPs; `send_wr` binds in flight per QP (1 without windows).
+    void init(const std::shared_ptr<device>& dev, std::size_t count, std::uint32_t send_wr = 1) {
       device_ = dev;
-      cq.reset(ibv_create_cq(dev->context(), 1, nullptr, nullptr, 0));
+      cq.reset(ibv_create_cq(dev->context(), static_cast<int>(count * send_wr), nullptr, nullptr, 0));
       if (!cq)
         throw error(std::error_code(errno, std::system_category()),
                     "verbs receiver: ibv_create_cq on " + dev->name() + " failed");
+      send_wr_ = send_wr;
       for (std::size_t i = 0; i < count; ++i) {
-        qps.push_back(std::make_unique<queue_pair>(dev, cq.get(), 1, 1));
+        qps.push_back(std::make_unique<queue_pair>(dev, cq.get(), send_wr, 1));
         if (auto ec = qps.back()->to_init(IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_LOCAL_WRITE))
           throw error(ec, "verbs receiver: QP RESET->INIT failed: " + ec.message());
       }
     }
 
-    // Releases the verbs objects now; the peer itself may live on in a pending handler.
+    // One window per (registration, QP), unbound yet: keys[r] names registration regs[r].
+    void plan_windows(std::vector<std::uint32_t> keys, std::vector<const memory_region*> regs) {
+      window_keys_ = std::move(keys);
+      window_regs_ = std::move(regs);
+      windows.reserve(window_regs_.size() * qps.size());
+      for (std::size_t i = 0; i < window_regs_.size() * qps.size(); ++i) windows.emplace_back(device_);
+    }
+
+    // Posts the next binds (at most send_wr_ per QP, when none is outstanding) and reaps
+    // their completions. True once every window is bound; false with `ec` set for a failure.
+    bool bind_step(std::error_code& ec) {
+      const std::size_t nq = qps.size(), rows = window_regs_.size();
+      if (!cq || windows.size() != rows * nq) {  // released or closed meanwhile
+        ec = asio::error::operation_aborted;
+        return false;
+      }
+      if (outstanding_ == 0 && posted_rows_ < rows) {
+        const std::size_t c = std::min<std::size_t>(send_wr_, rows - posted_rows_);
+        std::vector<ibv_send_wr> chain(c);
+        for (std::size_t q = 0; q < nq; ++q) {
+          for (std::size_t i = 0; i < c; ++i) {
+            const std::size_t r = posted_rows_ + i;
+            chain[i] = windows[r * nq + q].bind(*window_regs_[r], r * nq + q);
+            chain[i].next = i + 1 < c ? &chain[i + 1] : nullptr;
+          }
+          ibv_send_wr* bad = nullptr;
+          if (const int rc = ibv_post_send(qps[q]->get(), chain.data(), &bad)) {
+            ec = std::error_code(rc, std::system_category());
+            return false;
+          }
+          outstanding_ += c;
+        }
+        posted_rows_ += c;
+      }
+      ibv_wc wc[16];
+      for (int n; outstanding_ > 0 && (n = ibv_poll_cq(cq.get(), 16, wc)) > 0;)
+        for (int i = 0; i < n; ++i) {
+          --outstanding_;
+          if (wc[i].status != IBV_WC_SUCCESS) {
+            ec = make_wc_error(wc[i].status);
+            return false;
+          }
+        }
+      return posted_rows_ == rows && outstanding_ == 0;
+    }
+
+    // What the sender gets once every window is bound: per registration its key, then the
+    // rkey of its window on each QP (detail/wire.hpp). Empty without windows.
+    std::vector<std::uint32_t> key_rows() const {
+      std::vector<std::uint32_t> v;
+      const std::size_t nq = qps.size();
+      for (std::size_t r = 0; r < window_keys_.size(); ++r) {
+        v.push_back(window_keys_[r]);
+        for (std::size_t q = 0; q < nq; ++q) v.push_back(windows[r * nq + q].rkey());
+      }
+      return v;
+    }
+
+    // Releases the verbs objects now (its windows first: their rkeys are revoked); the peer
+    // itself may live on in a pending handler.
     void release() noexcept {
+      windows.clear();
       qps.clear();
       cq.reset();
     }
@@ -75,6 +143,12 @@ public:
     std::shared_ptr<device> device_;  // before cq: destroyed after it
     cq_handle cq;
     std::vector<std::unique_ptr<queue_pair>> qps;  // after cq: destroyed first
+    std::vector<memory_window> windows;  // [registration * qps + qp]; after qps: destroyed first
+    std::vector<std::uint32_t> window_keys_;
+    std::vector<const memory_region*> window_regs_;
+    std::uint32_t send_wr_ = 1;
+    std::size_t posted_rows_ = 0;
+    std::size_t outstanding_ = 0;
     bool claimed = false;  // admitted: its id is taken until it leaves
     bool serving = false;  // connected: its notices are read
   };
@@ -82,7 +156,9 @@ public:
   receiver_state(const Executor& ex, std::shared_ptr<device> dev, const options& o,
                  const asio::ip::tcp::endpoint& listen, std::size_t notice_depth)
       : ex_(ex), opts_(o), device_(std::move(dev)), acceptor_(ex),
-        depth_(notice_depth) {
+        handshakes_(std::make_shared<handshakes_type>(ex, o.max_pending_handshakes)),
+        depth_(notice_depth),
+        windows_(o.memory_windows != memory_window_use::off && device_->supports_memory_windows()) {
     acceptor_.open(listen.protocol());
     acceptor_.set_option(asio::socket_base::reuse_address(true));
     acceptor_.bind(listen);
@@ -97,11 +173,34 @@ public:
   }
 
   acceptor_type& acceptor() noexcept { return acceptor_; }
+  using handshakes_type = shardline::detail::handshake_listener<Executor, socket_type>;
+  /// Accepted peers' handshakes, run side by side (shardline::detail::accept_peers).
+  handshakes_type& handshakes() noexcept { return *handshakes_; }
   const options& opts() const noexcept { return opts_; }
   const std::shared_ptr<device>& dev() const noexcept { return device_; }
   const region_table& table() const noexcept { return table_; }
   bool closed() const noexcept { return closed_; }
   void admit(admission a) noexcept { admitted_ = a; }
+  bool memory_windows() const noexcept { return windows_; }
+
+  // Its QPs and, with windows, one unbound window per QP for each registration that an
+  // exposed region names (the handshake binds them: peer::bind_step).
+  void prepare(peer& p, std::size_t qps) {
+    if (!windows_) return p.init(device_, qps);
+    std::vector<bool> named(keyed_.size());
+    std::vector<std::uint32_t> keys;
+    std::vector<const memory_region*> regs;
+    for (const auto& r : table_.regions())
+      if (r.key && !named[r.key - 1]) {
+        named[r.key - 1] = true;
+        keys.push_back(r.key);
+        regs.push_back(keyed_[r.key - 1]);
+      }
+    const auto per_qp = std::clamp<std::size_t>(512 / qps, 1, std::max<std::size_t>(regs.size(), 1));
+    p.init(device_, qps, static_cast<std::uint32_t>(std::min<std::size_t>(
+                             per_qp, static_cast<std::size_t>(std::max(device_->attr().max_qp_wr, 1)))));
+    p.plan_windows(std::move(keys), std::move(regs));
+  }
 
   std::span<std::byte> allocate(std::size_t bytes) {
     arena a;
@@ -110,13 +209,19 @@ public:
       throw error(std::error_code(errno, std::system_category()),
                   "verbs receiver: mmap of a " + std::to_string(bytes) + "-byte arena failed");
     const std::span<std::byte> s(a.map.data(), bytes);
-    a.mr = memory_region(device_, s, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+    a.mr = memory_region(device_, s, mr_access());
     arenas_.push_back(std::move(a));
+    if (windows_) {
+      keyed_.push_back(&arenas_.back().mr);
+      arenas_.back().key = static_cast<std::uint32_t>(keyed_.size());
+    }
     return s;
   }
 
-  // Inside an arena: its rkey. Elsewhere: a region of its own over exactly those bytes,
-  // remote write only (never remote read), kept until this state goes.
+  // Inside an arena: its key. Elsewhere: a region of its own over exactly those bytes,
+  // remote write only (never remote read), kept until this state goes. The key is the
+  // region's rkey; with windows, the registration's number (1, 2, ...), which no QP accepts:
+  // each sender gets its windows' rkeys for it.
   void expose(exposure e, memory_kinds kinds) {
     const shardline::detail::exposer who{"verbs receiver", "the verbs transport", kinds};
     std::optional<memory_region> adopted;
@@ -124,18 +229,23 @@ public:
       const auto in = std::find_if(arenas_.begin(), arenas_.end(), [&](const arena& a) {
         return a.mr.region().contains(x.bytes.data(), x.bytes.size());
       });
-      if (in != arenas_.end()) return in->mr.rkey();
+      if (in != arenas_.end()) return windows_ ? in->key : in->mr.rkey();
       if (x.bytes.empty()) return 0;
       try {
-        adopted.emplace(device_, x.bytes, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+        if (x.location.kind == memory_kind::cuda_device)  // only when exposable: the hook is set
+          adopted.emplace(opts_.register_device_memory(device_, x.bytes, x.location, mr_access()));
+        else
+          adopted.emplace(device_, x.bytes, mr_access());
       } catch (const error& failure) {
         throw error(failure.code(), who.region(x.name) + " (" + std::to_string(x.bytes.size()) +
                                         " bytes outside every allocate()d arena) cannot be registered: " +
                                         failure.what());
       }
-      return adopted->rkey();
+      return windows_ ? static_cast<std::uint32_t>(keyed_.size() + 1) : adopted->rkey();
     });
-    if (adopted) adopted_.push_back(std::move(*adopted));
+    if (!adopted) return;
+    adopted_.push_back(std::move(*adopted));
+    if (windows_) keyed_.push_back(&adopted_.back());
   }
 
   // ---- senders ----------------------------------------------------------------------------
@@ -255,8 +365,10 @@ public:
     closed_ = true;
     std::error_code ignored;
     acceptor_.close(ignored);
+    handshakes_->close();
     for (auto& p : peers_) {
       p->serving = false;
+      p->windows.clear();  // revoked
       for (auto& q : p->qps) q->to_error();
       p->socket.close(ignored);
     }
@@ -266,6 +378,11 @@ public:
   }
 
 private:
+  // With windows, memory is remote-writable only through them.
+  int mr_access() const noexcept {
+    return IBV_ACCESS_LOCAL_WRITE | (windows_ ? IBV_ACCESS_MW_BIND : IBV_ACCESS_REMOTE_WRITE);
+  }
+
   void ack(std::shared_ptr<peer> p) {
     if (!p->serving) return;
     shardline::detail::acknowledge_notice(this->weak_from_this(), std::move(p));
@@ -290,6 +407,7 @@ private:
   struct arena {
     mapping map;         // first: unmapped after the MR is deregistered
     memory_region mr;
+    std::uint32_t key = 0;  // with windows: its number in keyed_
   };
   struct pending {
     waiter_ptr handler;
@@ -312,14 +430,17 @@ private:
   options opts_;
   std::shared_ptr<device> device_;
   acceptor_type acceptor_;
-  std::vector<arena> arenas_;
-  std::vector<memory_region> adopted_;
+  std::shared_ptr<handshakes_type> handshakes_;
+  std::deque<arena> arenas_;             // deques: keyed_ points into them
+  std::deque<memory_region> adopted_;
+  std::vector<const memory_region*> keyed_;  // with windows: registration key k is keyed_[k - 1]
   region_table table_;
   admission admitted_;
   std::vector<std::shared_ptr<peer>> peers_;  // last: destroyed first (and cleared earlier)
   std::deque<entry> notices_;
   std::deque<pending> waiters_;
   std::size_t depth_;
+  bool windows_;
   bool closed_ = false;
 };
 
