@@ -16,6 +16,7 @@
 
 #include "shm_support.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstring>
@@ -1047,8 +1048,12 @@ TEST_CASE("shm_transport: receiver SIGKILLed mid-update fails every pending writ
     else FAIL("unexpected completion: " << ec.message());
   }
   CHECK(ok >= 1);
-  CHECK(gone >= n - 3);  // at most the writes already done by the time EOF is read
+  CHECK(gone >= 1);
   CHECK(ok + gone == n);
+  // How many writes land before the end of file is read depends on timing (sanitizer builds
+  // copy slower); what does not: once one write failed, every later one fails too.
+  const auto first_gone = std::find_if(codes.begin(), codes.end(), [](std::error_code ec) { return bool(ec); });
+  CHECK(std::all_of(first_gone, codes.end(), [](std::error_code ec) { return bool(ec); }));
   CHECK(codes.back() == sl::errc::peer_disconnected);
   CHECK(*notified == sl::errc::peer_disconnected);
   CHECK_FALSE(conn->is_open());
